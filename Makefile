@@ -1,0 +1,20 @@
+# LMDeploy Lab: one-word commands. See README.md.
+.PHONY: lab test gpu-test wheelhouse doctor clean-notebooks
+
+lab:            ## set up .venv if needed and open JupyterLab on notebooks/
+	scripts/lab.sh
+
+test:           ## set up .venv if needed, run labkit's tests and every notebook (nbval)
+	scripts/test.sh
+
+gpu-test:       ## on a GPU machine: the whole suite with gpu cells, summary under artifacts/
+	scripts/gpu-suite.sh
+
+wheelhouse:     ## build the packages for an offline GPU runner into .wheelhouse/
+	../shared/gpu-runner/make-wheelhouse .wheelhouse -r requirements-gpu.txt
+
+doctor:
+	.venv/bin/labkit doctor
+
+clean-notebooks: ## strip outputs before committing
+	.venv/bin/python scripts/clean_notebooks.py notebooks/*.ipynb

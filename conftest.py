@@ -1,0 +1,154 @@
+"""Test-suite glue for labkit's tests and the notebooks (nbval).
+
+- Tests run on generated models and the small `test` profile unless the environment says otherwise.
+- Cells tagged `gpu` and tests marked `gpu` are skipped, visibly, where CUDA is missing.
+- Every run ends with a per-file summary (pass / skip / fail, wall time, peak GPU memory);
+  with LABKIT_REPORT_DIR set, the summary and the executed notebooks are written there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("LABKIT_PROFILE", "test")
+os.environ.setdefault("LABKIT_MODEL", "generated:tiny-chat")
+os.environ.setdefault("LABKIT_MODEL_VISION", "generated:tiny-vl")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+GPU_SKIP = "needs a CUDA GPU: found none (gpu cell / gpu test)"
+_stats: dict[str, dict] = defaultdict(lambda: {"passed": 0, "skipped": 0, "failed": 0, "seconds": 0.0,
+                                               "peak_gpu_mib": None})
+_current = {"key": None}
+_notebooks: dict[str, object] = {}
+
+
+def _cuda() -> bool:
+    from labkit.gpu import has_cuda
+
+    return has_cuda()
+
+
+def _is_gpu_cell(item) -> bool:
+    cell = getattr(item, "cell", None)
+    return cell is not None and "gpu" in cell.get("metadata", {}).get("tags", [])
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda():
+        return
+    skip = pytest.mark.skip(reason=GPU_SKIP)
+    for item in items:
+        if _is_gpu_cell(item) or item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+def _key(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+class _Sampler(threading.Thread):
+    """Peak GPU memory (all processes, NVML) per test file while it runs."""
+
+    def __init__(self):
+        super().__init__(daemon=True, name="labkit-gpu-sampler")
+        self.stop = threading.Event()
+
+    def run(self):
+        from labkit.gpu import memory_used
+
+        while not self.stop.wait(0.1):
+            key = _current["key"]
+            if key is None:
+                continue
+            mib = memory_used() / 2**20
+            prev = _stats[key]["peak_gpu_mib"] or 0
+            _stats[key]["peak_gpu_mib"] = max(prev, round(mib))
+
+
+_sampler: _Sampler | None = None
+
+
+def pytest_sessionstart(session):
+    global _sampler
+    from labkit.gpu import gpus
+
+    if gpus():
+        _sampler = _Sampler()
+        _sampler.start()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    key = _key(item)
+    _current["key"] = key
+    start = time.perf_counter()
+    yield
+    _stats[key]["seconds"] += time.perf_counter() - start
+    if hasattr(item, "test_outputs") and hasattr(item, "parent") and hasattr(item.parent, "nb"):
+        _notebooks[key] = item.parent.nb
+        if item.test_outputs is not None:
+            item.cell["outputs"] = item.test_outputs
+
+
+def pytest_runtest_logreport(report):
+    key = report.nodeid.split("::")[0]
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        outcome = {"passed": "passed", "skipped": "skipped", "failed": "failed"}[report.outcome]
+        _stats[key][outcome] += 1
+    elif report.when == "teardown" and report.outcome == "failed":
+        _stats[key]["failed"] += 1
+
+
+def _summary_rows() -> list[dict]:
+    return [{"file": k, **{f: v for f, v in s.items()}} for k, s in sorted(_stats.items())]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _sampler is not None:
+        _sampler.stop.set()
+    rows = _summary_rows()
+    if not rows:
+        return
+    tr = terminalreporter
+    tr.section("LMDeploy Lab summary")
+    tr.write_line(f"{'file':<40} {'pass':>5} {'skip':>5} {'fail':>5} {'wall s':>8} {'peak GPU MiB':>13}")
+    for r in rows:
+        peak = "-" if r["peak_gpu_mib"] is None else str(r["peak_gpu_mib"])
+        tr.write_line(f"{r['file']:<40} {r['passed']:>5} {r['skipped']:>5} {r['failed']:>5} "
+                      f"{r['seconds']:>8.1f} {peak:>13}")
+    out = os.environ.get("LABKIT_REPORT_DIR")
+    if out:
+        _write_report(Path(out), rows, exitstatus)
+        tr.write_line(f"report written to {out}")
+
+
+def _write_report(out: Path, rows: list[dict], exitstatus) -> None:
+    import nbformat
+
+    from labkit.gpu import gpus
+
+    out.mkdir(parents=True, exist_ok=True)
+    found = gpus()
+    meta = {"exitstatus": int(exitstatus), "gpu": found[0].name if found else None,
+            "profile": os.environ.get("LABKIT_PROFILE"), "model": os.environ.get("LABKIT_MODEL"),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "files": rows}, indent=1))
+    lines = [f"# GPU suite summary ({meta['gpu'] or 'no GPU'}, {meta['time']}, exit {meta['exitstatus']})", "",
+             "| file | pass | skip | fail | wall s | peak GPU MiB |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['file']} | {r['passed']} | {r['skipped']} | {r['failed']} | {r['seconds']:.1f} | "
+              f"{r['peak_gpu_mib'] if r['peak_gpu_mib'] is not None else '-'} |" for r in rows]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    if _notebooks:
+        with zipfile.ZipFile(out / "executed-notebooks.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+            for key, nb in _notebooks.items():
+                zf.writestr(Path(key).name, nbformat.writes(nb))

@@ -1,0 +1,71 @@
+"""`labkit` on the command line: doctor, models, and the commands later labs add."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from labkit.doctor import doctor
+
+    report = doctor(check_hubs=not args.offline)
+    print(json.dumps(report.as_dict(), indent=1) if args.json else report)
+    return 0 if report.ready or not args.strict else 1
+
+
+def _models(args: argparse.Namespace) -> int:
+    from labkit import generate, models
+
+    if args.action == "list":
+        for m in models.CATALOGUE.values():
+            print(f"{m.name:<24} {m.kind:<7} {m.hf_id:<36} {m.disk_gib:>5.1f} GiB  min GPU {m.min_gpu_gib:.0f} GiB")
+        for name in generate.available():
+            about = generate.SPECS[name].about if name in generate.SPECS else "vision-language (lab 05)"
+            print(f"generated:{name:<14} {about}")
+        return 0
+    if not args.name:
+        print(f"labkit models {args.action} needs a NAME", file=sys.stderr)
+        return 2
+    if args.action == "generate":
+        print(generate.ensure(args.name))
+        return 0
+    try:
+        print(models.resolve(args.name, download=not args.no_download))
+    except models.ModelNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `labkit` command."""
+    p = argparse.ArgumentParser(prog="labkit", description="LMDeploy Lab helpers")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("doctor", help="check this machine for the labs")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.add_argument("--offline", action="store_true", help="skip the hub checks")
+    d.add_argument("--strict", action="store_true", help="exit 1 when not ready")
+    d.set_defaults(func=_doctor)
+    m = sub.add_parser("models", help="list, generate or resolve models")
+    m.add_argument("action", choices=["list", "generate", "resolve"])
+    m.add_argument("name", nargs="?")
+    m.add_argument("--no-download", action="store_true")
+    m.set_defaults(func=_models)
+    for extend in _EXTENSIONS:
+        extend(sub)
+    return p
+
+
+# Modules of later labs add sub-commands here: each entry takes the sub-parsers object.
+_EXTENSIONS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `labkit` command."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""LMDeploy engines for the labs: `Engine` builds a pipeline from a model name and a few
+friendly options, says which backend ran, is always closable (a `with` block, `close()`, or
+re-running the cell that made it), and gives GPU memory back. Used by labs 01, 03, 04, 05, 06.
+
+    with labkit.engine.Engine("generated:tiny-chat", cache_ratio=0.4) as eng:
+        print(eng.generate("hi", max_new_tokens=32).text)
+"""
+from __future__ import annotations
+
+import atexit
+import gc
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from labkit import config, kvcache
+from labkit.gpu import GiB, memory_used, require_gpu, wait_for_memory_release
+
+BACKENDS = ("auto", "turbomind", "pytorch")
+_live: dict[str, "Engine"] = {}
+
+
+class EngineError(RuntimeError):
+    """An engine could not be built or used; the message says what to do."""
+
+
+def check_backend(backend: str) -> str:
+    """The backend name itself, or an EngineError listing the valid ones."""
+    if backend not in BACKENDS:
+        raise EngineError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)} "
+                          f"('auto' picks TurboMind where it can run, else the PyTorch engine)")
+    return backend
+
+
+def choose_backend(model_dir: str | Path, requested: str = "auto") -> tuple[str, str]:
+    """(backend, reason): TurboMind where it can run this model, else the PyTorch engine."""
+    from labkit.doctor import _turbomind_state
+    from labkit.gpu import gpus
+
+    check_backend(requested)
+    found = gpus()
+    tm_ok, why = _turbomind_state(bool(found), float(found[0].compute_capability) if found else 0.0)
+    if tm_ok:
+        try:
+            from lmdeploy.turbomind.supported_models import is_supported
+
+            if not is_supported(str(model_dir)):
+                tm_ok, why = False, "TurboMind does not support this model"
+        except Exception as err:  # its import needs the CUDA 12 runtime
+            tm_ok, why = False, f"TurboMind failed to load ({type(err).__name__})"
+    if requested == "turbomind" and not tm_ok:
+        raise EngineError(f"backend 'turbomind' cannot run here: {why}; use backend='pytorch' or 'auto'")
+    if requested == "pytorch":
+        return "pytorch", "asked for"
+    if requested == "turbomind":
+        return "turbomind", "asked for"
+    return ("turbomind", "auto: TurboMind can run") if tm_ok else ("pytorch", f"auto: {why}, so the PyTorch engine")
+
+
+def engine_config(backend: str, cache_ratio: float = 0.8, quant_policy: int = 0, session_len: int | None = None,
+                  tp: int = 1, max_batch_size: int | None = None, eager: bool | None = None,
+                  model_format: str | None = None):
+    """An lmdeploy TurbomindEngineConfig / PytorchEngineConfig from checked, friendly options."""
+    kvcache.check_ratio(cache_ratio)
+    kvcache.check_policy(quant_policy)
+    if session_len is not None and (not isinstance(session_len, int) or session_len < 16):
+        raise EngineError(f"session_len must be a whole number of tokens >= 16 (or None for the model's), "
+                          f"not {session_len!r}")
+    if not isinstance(tp, int) or tp < 1:
+        raise EngineError(f"tp (GPUs per model) must be 1 or more, not {tp!r}")
+    from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
+
+    common = dict(cache_max_entry_count=cache_ratio, quant_policy=quant_policy, session_len=session_len,
+                  tp=tp, max_batch_size=max_batch_size, model_format=model_format)
+    if backend == "turbomind":
+        return TurbomindEngineConfig(**common)
+    if eager is None:  # CUDA-graph capture costs start time; tests start many small engines
+        eager = config.profile() == "test"
+    return PytorchEngineConfig(eager_mode=eager, **common)
+
+
+def gen_config(max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.8, top_k: int = 40,
+               repetition_penalty: float = 1.0, random_seed: int | None = None, ignore_eos: bool = False,
+               **extra: Any):
+    """An lmdeploy GenerationConfig, with the inputs checked first."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise EngineError(f"max_new_tokens must be a whole number >= 1, not {max_new_tokens!r}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
+        raise EngineError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (0: off), repetition_penalty > 0")
+    from lmdeploy import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            repetition_penalty=repetition_penalty, random_seed=random_seed,
+                            ignore_eos=ignore_eos, **extra)
+
+
+class Engine:
+    """An LMDeploy pipeline with a name, the backend it chose, and its GPU memory measured."""
+
+    def __init__(self, model: str | Path, backend: str = "auto", name: str = "engine", cache_ratio: float = 0.8,
+                 quant_policy: int = 0, session_len: int | None = None, tp: int = 1,
+                 max_batch_size: int | None = None, eager: bool | None = None, model_format: str | None = None,
+                 log_level: str = "ERROR", **pipeline_kwargs: Any):
+        from labkit.models import resolve
+
+        check_backend(backend)
+        self.name = name
+        self.model_dir = resolve(str(model))
+        weights = kvcache.weights_bytes(self.model_dir)
+        require_gpu(min_free_gib=weights / GiB + 1.0, what=f"loading {self.model_dir.name}")
+        close_engine(name)  # re-running the cell that built it replaces it instead of doubling memory
+        self.backend, self.backend_reason = choose_backend(self.model_dir, backend)
+        self.config = engine_config(self.backend, cache_ratio, quant_policy, session_len, tp, max_batch_size,
+                                    eager, model_format)
+        self.memory_before = memory_used()
+        start = time.perf_counter()
+        from lmdeploy import pipeline
+
+        logging.getLogger("lmdeploy").setLevel(log_level)
+        try:
+            self.pipe = pipeline(str(self.model_dir), backend_config=self.config, log_level=log_level,
+                                 **pipeline_kwargs)
+        except Exception as err:
+            gc.collect()
+            raise EngineError(_explain(err, self.model_dir, cache_ratio)) from err
+        self.start_seconds = time.perf_counter() - start
+        self.memory_after = memory_used()
+        self.closed = False
+        _live[name] = self
+
+    @property
+    def memory_gib(self) -> float:
+        """GPU memory the engine took when it started (weights + KV cache + runtime), GiB."""
+        return (self.memory_after - self.memory_before) / GiB
+
+    def describe(self) -> dict:
+        """What ran: model, backend and why, start time, memory."""
+        return {"model": self.model_dir.name, "backend": self.backend, "why": self.backend_reason,
+                "cache_ratio": self.config.cache_max_entry_count, "quant_policy": int(self.config.quant_policy),
+                "start s": round(self.start_seconds, 1), "GPU memory GiB": round(self.memory_gib, 2)}
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise EngineError(f"engine {self.name!r} is closed: build a new one")
+
+    def generate(self, prompts, **gen: Any):
+        """pipe(prompts) with gen_config(**gen): one Response, or a list for a batch."""
+        self._check_open()
+        return self.pipe(prompts, gen_config=gen_config(**gen))
+
+    def stream(self, prompt, **gen: Any) -> Iterator[Any]:
+        """Stream one prompt: yields lmdeploy Responses whose .text is the new piece."""
+        self._check_open()
+        yield from self.pipe.stream_infer(prompt, gen_config=gen_config(**gen))
+
+    def close(self) -> None:
+        """Stop the engine and wait until its GPU memory is back."""
+        if getattr(self, "closed", True):
+            return
+        self.closed = True
+        _live.pop(self.name, None)
+        try:
+            self.pipe.close()
+        finally:
+            del self.pipe
+            gc.collect()
+            try:
+                import torch
+
+                torch.cuda.empty_cache()
+            except Exception:
+                pass
+            wait_for_memory_release(self.memory_before, timeout=20)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.memory_gib:.1f} GiB"
+        return f"Engine({self.model_dir.name}, {self.backend}, {state})"
+
+
+def close_engine(name: str) -> bool:
+    """Close the live engine called `name`, if any; True if one was closed."""
+    eng = _live.get(name)
+    if eng is None:
+        return False
+    print(f"closing the earlier engine {name!r} ({eng.model_dir.name}) first")
+    eng.close()
+    return True
+
+
+def close_all() -> None:
+    """Close every engine this kernel started."""
+    for name in list(_live):
+        _live[name].close()
+
+
+atexit.register(close_all)
+
+
+def _explain(err: Exception, model_dir: Path, ratio: float) -> str:
+    text = f"{type(err).__name__}: {err}"
+    low = text.lower()
+    if "out of memory" in low or "no enough gpu memory" in low:
+        return (f"{model_dir.name} does not fit on this GPU ({text[:200]}). Lower cache_ratio (now {ratio}), "
+                f"use the AWQ model (lab 03), close other engines/servers, or pick a smaller model")
+    if "not supported" in low or "unsupported" in low:
+        return f"lmdeploy cannot run {model_dir.name}: {text[:300]}"
+    return f"the engine for {model_dir.name} failed to start: {text[:500]}"

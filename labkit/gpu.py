@@ -1,0 +1,174 @@
+"""GPU facts and memory probes through NVIDIA's management library (nvidia-ml-py / pynvml).
+
+Used by every lab: the doctor (00), memory before/after an engine (01-05), the peak-memory
+column of the GPU suite's summary.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+GiB = 1024**3
+NO_GPU_HINT = "needs a CUDA GPU: found none; see 00_setup"
+
+
+class NoGPUError(RuntimeError):
+    """Raised where a step needs a CUDA GPU and there is none (or it is too small)."""
+
+
+@dataclass
+class GpuInfo:
+    """One GPU as NVML sees it."""
+
+    index: int
+    name: str
+    total_gib: float
+    used_gib: float
+    free_gib: float
+    driver: str
+    cuda_driver: str
+    compute_capability: str
+
+    def as_dict(self) -> dict:
+        """Plain dict, for tables and evidence."""
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=1)
+def _nvml():
+    """The initialised pynvml module, or None when there is no NVIDIA driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:
+        return None
+
+
+def gpus() -> list[GpuInfo]:
+    """Every GPU NVML can see (an empty list on a machine without an NVIDIA driver)."""
+    nv = _nvml()
+    if nv is None:
+        return []
+    driver = _text(nv.nvmlSystemGetDriverVersion())
+    cuda = nv.nvmlSystemGetCudaDriverVersion_v2()
+    out = []
+    for i in range(nv.nvmlDeviceGetCount()):
+        h = nv.nvmlDeviceGetHandleByIndex(i)
+        mem = nv.nvmlDeviceGetMemoryInfo(h)
+        major, minor = nv.nvmlDeviceGetCudaComputeCapability(h)
+        out.append(GpuInfo(i, _text(nv.nvmlDeviceGetName(h)), round(mem.total / GiB, 2),
+                           round(mem.used / GiB, 2), round(mem.free / GiB, 2), driver,
+                           f"{cuda // 1000}.{cuda % 1000 // 10}", f"{major}.{minor}"))
+    return out
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def memory_used(index: int = 0) -> int:
+    """Bytes in use on GPU `index`, all processes together (what nvidia-smi shows)."""
+    nv = _nvml()
+    if nv is None:
+        raise NoGPUError(NO_GPU_HINT)
+    return nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(index)).used
+
+
+def memory_free(index: int = 0) -> int:
+    """Bytes free on GPU `index`."""
+    nv = _nvml()
+    if nv is None:
+        raise NoGPUError(NO_GPU_HINT)
+    return nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(index)).free
+
+
+def has_cuda() -> bool:
+    """True when an NVIDIA GPU is visible and torch can use it (what lmdeploy needs)."""
+    if not gpus():
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def require_gpu(min_free_gib: float = 0.0, what: str = "this step") -> GpuInfo:
+    """The first GPU, or a NoGPUError that says what is missing and what to do."""
+    found = gpus()
+    if not found or not has_cuda():
+        raise NoGPUError(f"{what} {NO_GPU_HINT}")
+    gpu = found[0]
+    if gpu.free_gib < min_free_gib:
+        raise NoGPUError(
+            f"{what} needs about {min_free_gib:.1f} GiB free on the GPU, but {gpu.name} has "
+            f"{gpu.free_gib:.1f} GiB free of {gpu.total_gib:.1f}: stop other engines or servers "
+            f"(`labkit servers --stop`), pick a smaller model, or lower the cache ratio")
+    return gpu
+
+
+class MemoryWatcher:
+    """Samples GPU memory in a background thread; `peak` and `baseline` are in bytes.
+
+    with MemoryWatcher() as w: ...   ->  w.peak - w.baseline is what the block added at its peak
+    """
+
+    def __init__(self, index: int = 0, interval: float = 0.05):
+        self.index, self.interval = index, interval
+        self.baseline = self.peak = self.last = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "MemoryWatcher":
+        """Start sampling (no-op without a GPU)."""
+        if _nvml() is None:
+            return self
+        self.baseline = self.peak = self.last = memory_used(self.index)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="labkit-memwatch")
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> int:
+        """Take one sample now and return it."""
+        if _nvml() is not None:
+            self.last = memory_used(self.index)
+            self.peak = max(self.peak, self.last)
+        return self.last
+
+    def reset_peak(self) -> None:
+        """Start a new peak from the current reading."""
+        self.peak = self.sample()
+
+    def stop(self) -> None:
+        """Stop sampling."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+            self._thread = None
+        self.sample()
+
+    def __enter__(self) -> "MemoryWatcher":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_for_memory_release(baseline: int, index: int = 0, slack: int = 256 * 1024**2,
+                            timeout: float = 30.0) -> int:
+    """Wait until GPU memory is back within `slack` bytes of `baseline`; return the reading."""
+    deadline = time.monotonic() + timeout
+    used = memory_used(index)
+    while used > baseline + slack and time.monotonic() < deadline:
+        time.sleep(0.25)
+        used = memory_used(index)
+    return used

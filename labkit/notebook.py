@@ -1,0 +1,101 @@
+"""What every notebook starts with (`labkit.setup`), the `%%gpu` cell magic, and lab checks.
+
+Cells that need CUDA start with `%%gpu` and carry the cell tag `gpu` (the test suites skip them
+where there is no GPU). On a CPU machine a `%%gpu` cell prints one line and Run All goes on.
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+
+from labkit import config, evidence
+from labkit.gpu import NO_GPU_HINT, gpus, has_cuda
+
+
+class LabCheckFailed(AssertionError):
+    """A lab's closing check failed; the message says what was expected and what to try."""
+
+
+@dataclass
+class CheckResult:
+    """One check a lab made."""
+
+    what: str
+    passed: bool
+    detail: str
+
+
+_results: list[CheckResult] = []
+
+
+def setup(lab: str) -> None:
+    """Start a lab: register `%%gpu`, name the lab for evidence, and print where it runs."""
+    evidence.set_notebook(lab)
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except ImportError:
+        shell = None
+    if shell is not None:
+        register_magics(shell)
+    from importlib import metadata
+
+    try:
+        lmd = metadata.version("lmdeploy")
+    except metadata.PackageNotFoundError:
+        lmd = "not installed (run `make lab`)"
+    found = gpus()
+    if found and has_cuda():
+        g = found[0]
+        where = f"GPU {g.name}, {g.free_gib:.1f} of {g.total_gib:.1f} GiB free"
+    else:
+        where = "no CUDA GPU: cells marked %%gpu print a note and are skipped"
+    print(f"LMDeploy Lab {lab} | profile {config.profile()} | lmdeploy {lmd} | {where}")
+
+
+def run_body(shell, body: str):
+    """Run `body` in the notebook's namespace like a cell; return the last expression's value."""
+    source = shell.transform_cell(body)
+    tree = ast.parse(source)
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    ns = shell.user_ns
+    exec(compile(tree, "<cell>", "exec"), ns)  # noqa: S102 - the student's own cell
+    if last is not None:
+        return eval(compile(last, "<cell>", "eval"), ns)  # noqa: S307
+    return None
+
+
+def gpu_cell(line: str, cell: str):
+    """`%%gpu`: run the cell only where a CUDA GPU is usable; otherwise print one line."""
+    if not has_cuda():
+        print(f"skipped: this cell {NO_GPU_HINT}")
+        return None
+    from IPython import get_ipython
+
+    return run_body(get_ipython(), cell)
+
+
+def register_magics(shell) -> None:
+    """Register labkit's cell magics on an IPython shell."""
+    shell.register_magic_function(gpu_cell, magic_kind="cell", magic_name="gpu")
+
+
+def check(what: str, passed: bool, detail: str = "", fix: str = "") -> CheckResult:
+    """A lab check: prints a pass line, or raises LabCheckFailed with what to try."""
+    result = CheckResult(what, bool(passed), detail)
+    _results.append(result)
+    if not result.passed:
+        msg = f"FAILED: {what}" + (f" ({detail})" if detail else "") + (f"\nWhat to try: {fix}" if fix else "")
+        raise LabCheckFailed(msg)
+    print(f"ok   {what}" + (f"  ({detail})" if detail else ""))
+    return result
+
+
+def checks_table():
+    """Every check this kernel has made, as a table."""
+    import pandas as pd
+
+    return pd.DataFrame([r.__dict__ for r in _results], columns=["what", "passed", "detail"])

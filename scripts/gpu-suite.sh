@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU suite: every notebook under nbval with `gpu` cells executed, plus labkit's tests,
+# on generated models (LABKIT_MODEL overrides). Writes summary.md / summary.json and the
+# executed notebooks (executed-notebooks.zip) to $LABKIT_REPORT_DIR (default: $OUT on the
+# device runner, else artifacts/gpu-suite).
+#
+# Two ways to get the packages:
+#  - a GPU machine with network: scripts/setup.sh builds .venv as for students;
+#  - the offline runner (torch preinstalled): `make wheelhouse` here, carry .wheelhouse/,
+#    and this script installs it with --target so the runner's torch stays in charge.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export LABKIT_REPORT_DIR="${LABKIT_REPORT_DIR:-${OUT:-artifacts/gpu-suite}}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+mkdir -p "$LABKIT_REPORT_DIR"
+if [ -d .wheelhouse ] && ! python3 -c "import lmdeploy" 2>/dev/null; then
+  site=/tmp/labkit-site
+  start=$(date +%s)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$site" .wheelhouse/*.whl || exit 1
+  for extra in .wheelhouse-*; do
+    [ -d "$extra" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target "$site" "$extra"/*.whl
+  done
+  export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
+  PY=python3
+  echo "wheelhouse installed to $site in $(( $(date +%s) - start )) s"
+else
+  scripts/setup.sh || exit 1
+  PY=.venv/bin/python
+  export PATH="$PWD/.venv/bin:$PATH"
+fi
+$PY -m labkit.cli doctor --offline
+$PY -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
+  -p no:cacheprovider -rA "$@" 2>&1 | tee "$LABKIT_REPORT_DIR/pytest.log"
+status=${PIPESTATUS[0]}
+echo "lmdeploy processes left: $(pgrep -fc 'lmdeploy' || true)"
+exit $status
