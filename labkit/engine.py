@@ -59,6 +59,44 @@ def choose_backend(model_dir: str | Path, requested: str = "auto") -> tuple[str,
     return ("turbomind", "auto: TurboMind can run") if tm_ok else ("pytorch", f"auto: {why}, so the PyTorch engine")
 
 
+def needs_remote_code(model_dir: str | Path) -> bool:
+    """True when a model ships its own Python code (config or tokenizer `auto_map`, e.g. InternLM2.5)."""
+    import json
+
+    for name in ("config.json", "tokenizer_config.json"):
+        path = Path(model_dir) / name
+        if path.is_file() and "auto_map" in json.loads(path.read_text(encoding="utf-8")):
+            return True
+    return False
+
+
+def chat_command(model_dir: str | Path, backend: str = "auto", session_len: int | None = None,
+                 cache_ratio: float | None = None, eager: bool = False) -> str:
+    """The `lmdeploy chat` command line for a model and backend (end it with `exit`, then Enter twice)."""
+    import shlex
+
+    from labkit.models import resolve
+
+    path = resolve(str(model_dir))
+    chosen, _ = choose_backend(path, backend)
+    parts = ["lmdeploy", "chat", shlex.quote(str(path)), "--backend", chosen]
+    if needs_remote_code(path):
+        parts.append("--trust-remote-code")
+    if session_len is not None:
+        parts += ["--session-len", str(int(session_len))]
+    if cache_ratio is not None:
+        parts += ["--cache-max-entry-count", str(kvcache.check_ratio(cache_ratio))]
+    if eager and chosen == "pytorch":
+        parts.append("--eager-mode")
+    return " ".join(parts)
+
+
+# What `lmdeploy chat` (lmdeploy/cli/chat.py) understands: a prompt ends with an empty line
+# ("double enter"); `exit` quits, `end` clears the conversation, Ctrl-C quits too.
+CHAT_EXIT_WORD = "exit"
+CHAT_RESET_WORD = "end"
+
+
 def engine_config(backend: str, cache_ratio: float = 0.8, quant_policy: int = 0, session_len: int | None = None,
                   tp: int = 1, max_batch_size: int | None = None, eager: bool | None = None,
                   model_format: str | None = None):
@@ -81,19 +119,28 @@ def engine_config(backend: str, cache_ratio: float = 0.8, quant_policy: int = 0,
     return PytorchEngineConfig(eager_mode=eager, **common)
 
 
-def gen_config(max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.8, top_k: int = 40,
-               repetition_penalty: float = 1.0, random_seed: int | None = None, ignore_eos: bool = False,
-               **extra: Any):
-    """An lmdeploy GenerationConfig, with the inputs checked first."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+def check_gen(max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.8, top_k: int = 40,
+              repetition_penalty: float = 1.0) -> None:
+    """Check generation inputs (shared by gen_config and the transformers baseline); EngineError if bad."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise EngineError(f"max_new_tokens must be a whole number >= 1, not {max_new_tokens!r}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
         raise EngineError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (0: off), repetition_penalty > 0")
+
+
+def gen_config(max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.8, top_k: int = 40,
+               repetition_penalty: float = 1.0, random_seed: int | None = None, ignore_eos: bool = False,
+               do_sample: bool | None = None, **extra: Any):
+    """An lmdeploy GenerationConfig, with the inputs checked first (sampling on unless temperature is 0)."""
+    check_gen(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
     from lmdeploy import GenerationConfig
 
+    # lmdeploy's own default is greedy (do_sample=False), which silently ignores temperature/top_p/top_k.
+    if do_sample is None:
+        do_sample = temperature > 0
     return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, random_seed=random_seed,
-                            ignore_eos=ignore_eos, **extra)
+                            ignore_eos=ignore_eos, do_sample=do_sample, **extra)
 
 
 class Engine:
@@ -114,6 +161,8 @@ class Engine:
         self.backend, self.backend_reason = choose_backend(self.model_dir, backend)
         self.config = engine_config(self.backend, cache_ratio, quant_policy, session_len, tp, max_batch_size,
                                     eager, model_format)
+        pipeline_kwargs.setdefault("trust_remote_code", needs_remote_code(self.model_dir))
+        _init_cuda_context()  # so the baseline holds this process's CUDA context, which never goes back
         self.memory_before = memory_used()
         start = time.perf_counter()
         from lmdeploy import pipeline
@@ -183,6 +232,12 @@ class Engine:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.memory_gib:.1f} GiB"
         return f"Engine({self.model_dir.name}, {self.backend}, {state})"
+
+
+def _init_cuda_context() -> None:
+    import torch
+
+    torch.empty(1, device="cuda")
 
 
 def close_engine(name: str) -> bool:

@@ -31,7 +31,8 @@ else
   export PATH="$PWD/.venv/bin:$PATH"
 fi
 $PY -m labkit.cli doctor --offline
-$PY -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
+[ $# -eq 0 ] && set -- tests notebooks   # or name test files / notebooks to run a part
+$PY -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
   -p no:cacheprovider -rA "$@" 2>&1 | tee "$LABKIT_REPORT_DIR/pytest.log"
 status=${PIPESTATUS[0]}
 echo "lmdeploy processes left: $(pgrep -fc 'lmdeploy' || true)"
