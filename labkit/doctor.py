@@ -32,7 +32,7 @@ class Row:
     fix: str = ""
 
 
-@dataclass
+@dataclass(repr=False)
 class Report:
     """The doctor's findings; `ready` is False when any check failed."""
 
@@ -67,6 +67,9 @@ class Report:
                 lines.append(f"{'':<{w}}  {'':<6}  fix: {r.fix}")
         lines.append(f"-> {'READY' if self.ready else 'NOT READY'} ({self.seconds:.1f} s)")
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return str(self)
 
     def _repr_html_(self) -> str:
         return self.to_frame().style.apply(

@@ -83,7 +83,7 @@ def register_magics(shell) -> None:
     shell.register_magic_function(gpu_cell, magic_kind="cell", magic_name="gpu")
 
 
-def check(what: str, passed: bool, detail: str = "", fix: str = "") -> CheckResult:
+def check(what: str, passed: bool, detail: str = "", fix: str = "") -> None:
     """A lab check: prints a pass line, or raises LabCheckFailed with what to try."""
     result = CheckResult(what, bool(passed), detail)
     _results.append(result)
@@ -91,7 +91,6 @@ def check(what: str, passed: bool, detail: str = "", fix: str = "") -> CheckResu
         msg = f"FAILED: {what}" + (f" ({detail})" if detail else "") + (f"\nWhat to try: {fix}" if fix else "")
         raise LabCheckFailed(msg)
     print(f"ok   {what}" + (f"  ({detail})" if detail else ""))
-    return result
 
 
 def checks_table():

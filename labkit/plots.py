@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-def budget_bars(budget, ax=None):
+def budget_bars(budget, ax=None) -> None:
     """Stacked bars of weights / KV cache / runtime / free per KV policy (lab 00, 04)."""
     import matplotlib.pyplot as plt
 
@@ -19,5 +19,29 @@ def budget_bars(budget, ax=None):
     ax.set_xlabel("GiB")
     ax.set_title("GPU memory budget (cache_max_entry_count applies to what weights leave free)")
     ax.legend(loc="lower right", fontsize=8)
+    ax.figure.tight_layout()
+    plt.show()
+
+
+def speed_bars(table, value: str = "output tok/s", ax=None):
+    """Grouped bars of `value` per batch size, one colour per engine, log scale (lab 01's speed comparison)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3))
+    engines = list(dict.fromkeys(table["engine"]))
+    batches = sorted(set(table["batch"]))
+    width = 0.8 / len(engines)
+    for i, name in enumerate(engines):
+        rows = table[table["engine"] == name].set_index("batch")
+        xs = [b + (i - (len(engines) - 1) / 2) * width for b in range(len(batches))]
+        vals = [float(rows[value].get(b, float("nan"))) for b in batches]
+        bars = ax.bar(xs, vals, width, label=name)
+        ax.bar_label(bars, labels=[f"{v:,.0f}" for v in vals], fontsize=8)
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_yscale("log")
+    ax.set_ylabel(value)
+    ax.set_title(f"{value} (higher is better)")
+    ax.legend(fontsize=8)
     ax.figure.tight_layout()
     return ax

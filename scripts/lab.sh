@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/labkit doctor --offline | tail -1 || true
-exec .venv/bin/jupyter lab --notebook-dir=notebooks --no-browser \
+root=(); [ "$(id -u)" = 0 ] && root=(--allow-root)
+echo "Starting JupyterLab on notebooks/: open the URL below and begin with 00_setup.ipynb (Ctrl-C stops it)."
+exec .venv/bin/jupyter lab "${root[@]}" --notebook-dir=notebooks --no-browser \
   --ip="${LAB_IP:-127.0.0.1}" --port="${LAB_PORT:-8888}" --ServerApp.open_browser=False "$@"
