@@ -10,8 +10,13 @@ test:           ## set up .venv if needed, run labkit's tests and every notebook
 gpu-test:       ## on a GPU machine: the whole suite with gpu cells, summary under artifacts/
 	scripts/gpu-suite.sh
 
+# The runner takes 64 MiB per command: drop wheels nothing imports there (debugpy, jedi: optional
+# in ipykernel / IPython; widgetsnbextension: the classic-notebook front end) to make room for gradio.
 wheelhouse:     ## build the packages for an offline GPU runner into .wheelhouse/
+	rm -rf .wheelhouse
 	../shared/gpu-runner/make-wheelhouse .wheelhouse -r requirements-gpu.txt
+	rm -f .wheelhouse/debugpy-*.whl .wheelhouse/jedi-*.whl .wheelhouse/widgetsnbextension-*.whl
+	du -sh .wheelhouse
 
 doctor:
 	.venv/bin/labkit doctor
