@@ -97,10 +97,9 @@ CHAT_EXIT_WORD = "exit"
 CHAT_RESET_WORD = "end"
 
 
-def engine_config(backend: str, cache_ratio: float = 0.8, quant_policy: int = 0, session_len: int | None = None,
-                  tp: int = 1, max_batch_size: int | None = None, eager: bool | None = None,
-                  model_format: str | None = None):
-    """An lmdeploy TurbomindEngineConfig / PytorchEngineConfig from checked, friendly options."""
+def check_options(cache_ratio: float = 0.8, quant_policy: int = 0, session_len: int | None = None,
+                  tp: int = 1) -> None:
+    """Check engine options before anything loads (engine_config and labkit.serve use it)."""
     kvcache.check_ratio(cache_ratio)
     kvcache.check_policy(quant_policy)
     if session_len is not None and (not isinstance(session_len, int) or session_len < 16):
@@ -108,6 +107,16 @@ def engine_config(backend: str, cache_ratio: float = 0.8, quant_policy: int = 0,
                           f"not {session_len!r}")
     if not isinstance(tp, int) or tp < 1:
         raise EngineError(f"tp (GPUs per model) must be 1 or more, not {tp!r}")
+
+
+def engine_config(backend: str, cache_ratio: float = 0.8, quant_policy: int = 0, session_len: int | None = None,
+                  tp: int = 1, max_batch_size: int | None = None, eager: bool | None = None,
+                  model_format: str | None = None):
+    """An lmdeploy TurbomindEngineConfig / PytorchEngineConfig from checked, friendly options."""
+    check_options(cache_ratio, quant_policy, session_len, tp)
+    if backend == "pytorch" and cache_ratio >= 1:
+        raise EngineError("the PyTorch engine needs cache_ratio below 1 (it keeps some memory for its own "
+                          "work): use e.g. 0.9")
     from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
 
     common = dict(cache_max_entry_count=cache_ratio, quant_policy=quant_policy, session_len=session_len,

@@ -23,7 +23,7 @@ def budget_bars(budget, ax=None) -> None:
     plt.show()
 
 
-def speed_bars(table, value: str = "output tok/s", ax=None):
+def speed_bars(table, value: str = "output tok/s", ax=None) -> None:
     """Grouped bars of `value` per batch size, one colour per engine, log scale (lab 01's speed comparison)."""
     import matplotlib.pyplot as plt
 
@@ -44,4 +44,4 @@ def speed_bars(table, value: str = "output tok/s", ax=None):
     ax.set_title(f"{value} (higher is better)")
     ax.legend(fontsize=8)
     ax.figure.tight_layout()
-    return ax
+    plt.show()

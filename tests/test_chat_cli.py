@@ -1,0 +1,37 @@
+"""`lmdeploy chat`, as lab 01 shows it, run for real: one question piped in, then the exit word."""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labkit import engine, models
+
+PROMPT_MARK = "double enter to end input >>> "  # what lmdeploy/cli/chat.py prints before each prompt
+
+
+@pytest.mark.gpu
+def test_lmdeploy_chat_answers_and_exits():
+    model = models.default("chat")
+    backend, why = engine.choose_backend(models.resolve(model))
+    cmd = engine.chat_command(model, "auto", session_len=256, cache_ratio=0.1, eager=True)
+    print(cmd, f"({why})")
+    assert f"--backend {backend}" in cmd
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    argv = shlex.split(cmd)
+    if shutil.which("lmdeploy", path=env["PATH"]) is None:  # same command, through this Python
+        argv = [sys.executable, "-m", "lmdeploy", *argv[1:]]
+    # A prompt ends with an empty line; `exit` (and an empty line) ends the chat.
+    stdin = f"Hello, who are you?\n\n{engine.CHAT_EXIT_WORD}\n\n"
+    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=300, env=env)
+    tail = f"stdout: {proc.stdout[-1500:]}\nstderr: {proc.stderr[-3000:]}"
+    assert proc.returncode == 0, tail
+    parts = proc.stdout.split(PROMPT_MARK)
+    assert len(parts) == 3, tail  # before the question, the reply, after `exit`
+    assert parts[1].strip(), f"lmdeploy chat printed no reply\n{tail}"
+    assert "exiting..." in parts[2], tail
