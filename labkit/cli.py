@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("name", nargs="?")
     m.add_argument("--no-download", action="store_true")
     m.set_defaults(func=_models)
+    for name in _EXTENSION_MODULES:  # each defines add_cli(sub)
+        importlib.import_module(name).add_cli(sub)
     for extend in _EXTENSIONS:
         extend(sub)
     return p
@@ -59,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules of later labs add sub-commands here: each entry takes the sub-parsers object.
 _EXTENSIONS: list = []
+# Modules whose add_cli(sub) adds sub-commands: `labkit servers`, `labkit webui` (lab 02).
+_EXTENSION_MODULES = ["labkit.serve", "labkit.webui"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,206 @@
+"""A small load test for a local OpenAI-compatible server (lab 02): N concurrent streaming requests
+(asyncio + openai.AsyncOpenAI), bounded in count and in time, against 127.0.0.1 / localhost only.
+Reports requests/s, output tokens/s, time to first token (TTFT) and inter-token latency (ITL)
+percentiles as a pandas table; `sweep` compares concurrency levels and `plot` draws them.
+
+The asyncio work runs in its own thread, so it works inside Jupyter (whose event loop is running).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+LOCAL = ("127.0.0.1", "localhost", "::1")
+MAX_REQUESTS = 2000
+MAX_CONCURRENCY = 512
+MAX_SECONDS = 600.0
+DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+class LoadTestError(ValueError):
+    """The load test was asked for something it will not do (another host, too many requests...)."""
+
+
+def _target(server: Any) -> tuple[str, str, str | None]:
+    """(…/v1 URL, api key, model name) of a labkit Server or a URL; refuses anything but this machine."""
+    if hasattr(server, "openai_url"):
+        url, key, model = server.openai_url, server.api_key, server.model_name
+    else:
+        url, key, model = str(server).rstrip("/"), "none", None
+        if not url.endswith("/v1"):
+            url += "/v1"
+    host = urlparse(url).hostname
+    if host not in LOCAL:
+        raise LoadTestError(f"the load test only runs against this machine (127.0.0.1 / localhost), not {host!r}: "
+                            f"load-testing someone else's server is an attack")
+    return url, key, model
+
+
+@dataclass
+class _Req:
+    ok: bool = False
+    error: str | None = None
+    start: float = 0.0
+    first: float | None = None
+    end: float = 0.0
+    tokens: int = 0
+    gaps: list[float] = field(default_factory=list)
+
+
+async def _one(client, model: str, prompt: str, max_tokens: int, req: _Req) -> None:
+    req.start = time.perf_counter()
+    last = None
+    chunks = 0
+    try:
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True,
+            temperature=0.7, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.choices and chunk.choices[0].delta.content:
+                chunks += 1
+                if req.first is None:
+                    req.first = now
+                else:
+                    req.gaps.append(now - last)
+                last = now
+            if getattr(chunk, "usage", None) is not None and chunk.usage.completion_tokens:
+                req.tokens = chunk.usage.completion_tokens
+        req.tokens = req.tokens or chunks
+        req.ok = req.first is not None
+        if not req.ok:
+            req.error = "the stream ended without any text"
+    except asyncio.CancelledError:
+        req.error = "cancelled: the time limit was reached"
+        raise
+    except Exception as err:
+        req.error = f"{type(err).__name__}: {str(err)[:200]}"
+    finally:
+        req.end = time.perf_counter()
+
+
+async def _run(url: str, key: str, model: str, concurrency: int, n: int, prompt: str, max_tokens: int,
+               time_limit: float) -> tuple[list[_Req], float]:
+    import httpx
+    import openai
+
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(trust_env=False, limits=limits, timeout=time_limit) as http:
+        client = openai.AsyncOpenAI(base_url=url, api_key=key, http_client=http, max_retries=0)
+        reqs = [_Req() for _ in range(n)]
+        sem = asyncio.Semaphore(concurrency)
+
+        async def bounded(r: _Req) -> None:
+            async with sem:
+                await _one(client, model, prompt, max_tokens, r)
+
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(bounded(r)) for r in reqs]
+        done, pending = await asyncio.wait(tasks, timeout=time_limit)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        wall = time.perf_counter() - start
+    for r in reqs:
+        if not r.ok and r.error is None:
+            r.error = "not started: the time limit was reached"
+    return reqs, wall
+
+
+def _in_thread(coro_fn, *args) -> Any:
+    """Run an asyncio coroutine function in a fresh event loop on its own thread (Jupyter-safe)."""
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["value"] = asyncio.run(coro_fn(*args))
+        except BaseException as err:  # re-raised in the caller's thread
+            box["error"] = err
+
+    t = threading.Thread(target=target, name="labkit-loadtest", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    import numpy as np
+
+    return float(np.percentile(values, q)) * 1000.0
+
+
+def run(server: Any, concurrency: int = 8, requests: int | None = None, max_tokens: int = 128,
+        prompt: str = DEFAULT_PROMPT, model: str | None = None, time_limit: float = 120.0) -> dict:
+    """`requests` streaming chat requests, `concurrency` at a time, stopped after `time_limit` s; one row."""
+    url, key, default_model = _target(server)
+    model = model or default_model
+    if not isinstance(concurrency, int) or not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise LoadTestError(f"concurrency must be a whole number in 1..{MAX_CONCURRENCY}, not {concurrency!r}")
+    requests = requests if requests is not None else max(8, 2 * concurrency)
+    if not isinstance(requests, int) or not 1 <= requests <= MAX_REQUESTS:
+        raise LoadTestError(f"requests must be a whole number in 1..{MAX_REQUESTS}, not {requests!r}")
+    if not 0 < time_limit <= MAX_SECONDS:
+        raise LoadTestError(f"time_limit must be in (0, {MAX_SECONDS:.0f}] seconds, not {time_limit!r}")
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise LoadTestError(f"max_tokens must be a whole number >= 1, not {max_tokens!r}")
+    if model is None:
+        from labkit.webui import list_models
+
+        model = list_models(url)[0]
+    reqs, wall = _in_thread(_run, url, key, model, concurrency, requests, prompt, max_tokens, time_limit)
+    ok = [r for r in reqs if r.ok]
+    ttft = [r.first - r.start for r in ok]
+    gaps = [g for r in ok for g in r.gaps]
+    tokens = sum(r.tokens for r in ok)
+    errors = [r.error for r in reqs if not r.ok]
+    return {"concurrency": concurrency, "requests": requests, "ok": len(ok), "failed": len(errors),
+            "seconds": round(wall, 2), "requests/s": round(len(ok) / wall, 2) if wall else 0.0,
+            "output tokens/s": round(tokens / wall, 1) if wall else 0.0,
+            "TTFT p50 ms": _pct(ttft, 50), "TTFT p90 ms": _pct(ttft, 90), "TTFT p99 ms": _pct(ttft, 99),
+            "ITL p50 ms": _pct(gaps, 50), "ITL p90 ms": _pct(gaps, 90), "ITL p99 ms": _pct(gaps, 99),
+            "first error": errors[0] if errors else None}
+
+
+def sweep(server: Any, concurrency: tuple[int, ...] | list[int] = (1, 8, 32), requests: int | None = None,
+          max_tokens: int = 128, prompt: str = DEFAULT_PROMPT, model: str | None = None,
+          time_limit: float = 120.0, warmup: bool = True):
+    """`run` at each concurrency level (after one warm-up request); a pandas table, one row per level."""
+    import pandas as pd
+
+    _target(server)  # refuse other hosts before anything is sent
+    if warmup:
+        run(server, concurrency=1, requests=1, max_tokens=8, prompt=prompt, model=model, time_limit=time_limit)
+    rows = [run(server, c, requests, max_tokens, prompt, model, time_limit) for c in concurrency]
+    table = pd.DataFrame(rows)
+    num = [c for c in table.columns if c.endswith(" ms")]
+    table[num] = table[num].astype(float).round(1)
+    return table
+
+
+def plot(table) -> None:
+    """Throughput and latency against concurrency, side by side."""
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
+    x = table["concurrency"].astype(str)
+    a.bar(x, table["output tokens/s"], color="tab:blue")
+    a.set_xlabel("concurrent requests")
+    a.set_ylabel("output tokens/s (all requests)")
+    a.set_title("throughput")
+    for col, style in (("TTFT p50 ms", "o-"), ("TTFT p99 ms", "o--"), ("ITL p50 ms", "s-"), ("ITL p99 ms", "s--")):
+        b.plot(x, table[col], style, label=col)
+    b.set_xlabel("concurrent requests")
+    b.set_ylabel("ms")
+    b.set_yscale("log")
+    b.set_title("latency: time to first token, inter-token")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    plt.show()

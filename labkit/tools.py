@@ -1,0 +1,265 @@
+"""Function calling without `eval` (lab 02): tool schemas, a dispatch table that checks arguments,
+the client loop that executes each tool call and sends the result back, and lmdeploy's own
+tool-call parser applied to a model's text (what the api_server does with `--tool-call-parser`).
+
+    run = run_tool_loop(server.client(), server.model_name, "Compute (3+5)*2")
+    run.table()     # every message and tool call; run.answer, run.result (16)
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _schema(name: str, description: str, a: dict | None = None, b: dict | None = None) -> dict:
+    num = {"type": "number"}
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object",
+                       "properties": {"a": {**num, "description": "first number", **(a or {})},
+                                      "b": {**num, "description": "second number", **(b or {})}},
+                       "required": ["a", "b"]}}}
+
+
+TOOLS: list[dict] = [
+    _schema("add", "Add two numbers: a + b"),
+    _schema("mul", "Multiply two numbers: a * b"),
+]
+
+
+def add(a: float, b: float) -> float:
+    """a + b."""
+    return a + b
+
+
+def mul(a: float, b: float) -> float:
+    """a * b."""
+    return a * b
+
+
+# The dispatch table: the only functions a model can reach. Nothing the model writes is evaluated.
+DISPATCH: dict[str, Callable[..., Any]] = {"add": add, "mul": mul}
+
+# lmdeploy 0.18's --tool-call-parser names (lmdeploy/serve/parsers/tool_parser/*.py); a test checks them.
+PARSERS = ("deepseek-v32", "deepseek-v4", "glm47", "intern-s1", "internlm", "interns2-preview", "kimi-k2",
+           "kimi_k2", "llama3", "qwen", "qwen2d5", "qwen3", "qwen3coder")
+# Model architecture (config.json) -> the parser that reads its tool calls.
+_PARSER_BY_ARCH = {"InternLM2ForCausalLM": "internlm", "InternLM3ForCausalLM": "internlm",
+                   "Qwen2ForCausalLM": "qwen", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3",
+                   "LlamaForCausalLM": "llama3", "InternS1ForConditionalGeneration": "intern-s1"}
+
+
+def check_parser(name: str) -> str:
+    """The parser name itself, or a ValueError listing lmdeploy's."""
+    if name not in PARSERS:
+        raise ValueError(f"unknown tool-call parser {name!r}: lmdeploy 0.18 has {', '.join(PARSERS)} "
+                         f"(InternLM2.5: 'internlm'; Qwen2.5 / generated:tiny-chat: 'qwen'), or 'auto'")
+    return name
+
+
+def parser_for(model: str | Path, model_dir: str | Path | None = None) -> str | None:
+    """The --tool-call-parser for a model: the catalogue's, else from its architecture; None if unknown."""
+    from labkit.models import CATALOGUE
+
+    entry = CATALOGUE.get(str(model))
+    if entry is not None and entry.tool_parser:
+        return entry.tool_parser
+    cfg_path = Path(model_dir or model) / "config.json"
+    try:
+        archs = json.loads(cfg_path.read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError):
+        return None
+    return next((_PARSER_BY_ARCH[a] for a in archs if a in _PARSER_BY_ARCH), None)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def _check_args(name: str, args: dict, tools: list[dict]) -> str | None:
+    """What is wrong with `args` for tool `name` under its JSON schema (required, unknown, types), or None."""
+    schema = next((t["function"].get("parameters", {}) for t in tools if t["function"]["name"] == name), {})
+    props = schema.get("properties", {})
+    missing = [k for k in schema.get("required", []) if k not in args]
+    extra = [k for k in args if props and k not in props]
+    if missing or extra:
+        return (f"missing {', '.join(missing)}" if missing else "") + \
+               ("; " if missing and extra else "") + (f"unexpected {', '.join(extra)}" if extra else "")
+    for key, value in args.items():
+        want = props.get(key, {}).get("type")
+        if want in ("number", "integer") and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                              or not math.isfinite(value)):
+            return f"{key} must be a number, not {value!r}"
+        if want == "integer" and isinstance(value, float) and not value.is_integer():
+            return f"{key} must be a whole number, not {value!r}"
+    return None
+
+
+def call_tool(name: str, arguments: str | dict | None, tools: list[dict] = TOOLS,
+              dispatch: dict[str, Callable[..., Any]] = DISPATCH) -> tuple[bool, Any]:
+    """Run one tool call through the dispatch table: (True, value) or (False, a clear error message)."""
+    if name not in dispatch or not any(t["function"]["name"] == name for t in tools):
+        offered = sorted(set(dispatch) & {t["function"]["name"] for t in tools})
+        return False, f"error: unknown function {name!r}; available: {', '.join(offered)}"
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as err:
+            return False, f"error: the arguments of {name} are not valid JSON ({err.msg} at position {err.pos})"
+    if not isinstance(arguments, dict):
+        return False, f"error: the arguments of {name} must be a JSON object like {{\"a\": 1, \"b\": 2}}, " \
+                      f"not {json.dumps(arguments)[:80]}"
+    problem = _check_args(name, arguments, tools)
+    if problem:
+        return False, f"error: bad arguments for {name}: {problem}"
+    value = dispatch[name](**arguments)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return True, value
+
+
+# ----------------------------------------------------------------------------- lmdeploy's parser
+
+_parser_classes: dict[str, type] = {}
+
+
+def parse_reply(text: str, parser: str = "qwen", tools: list[dict] = TOOLS) -> dict:
+    """What lmdeploy's api_server makes of a model's text with `--tool-call-parser parser`:
+    {'content': plain text or None, 'tool_calls': [{'name', 'arguments'}]}. Needs no GPU."""
+    check_parser(parser)
+    from lmdeploy.serve.openai.protocol import ChatCompletionRequest
+    from lmdeploy.serve.parsers.response_parser import BaseResponseParser
+
+    cls = _parser_classes.get(parser)
+    if cls is None:  # a subclass per parser: set_parsers writes class attributes
+        cls = type(f"LabkitResponseParser_{parser}", (BaseResponseParser,), {})
+        cls.set_parsers(tool_parser_name=parser)
+        _parser_classes[parser] = cls
+    request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "?"}], tools=tools)
+    content, calls, _reasoning = cls(request).parse_complete(text)
+    return {"content": content,
+            "tool_calls": [{"name": c.function.name, "arguments": c.function.arguments} for c in calls or []]}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+TOOL_TAGS = ("<tool_call>", "<|action_start|>", "<|plugin|>", "<|python_tag|>")
+
+
+@dataclass
+class ToolRun:
+    """A function-calling conversation: the transcript, the final answer and the last tool result."""
+
+    question: str
+    transcript: list[dict] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)
+    answer: str | None = None
+    result: Any = None
+    rounds: int = 0
+    errors: int = 0  # tool calls that were not valid (unknown function, bad arguments, unparsable)
+
+    def note(self, round_: int, who: str, what: str, detail: str = "") -> None:
+        """Add one line to the transcript."""
+        self.transcript.append({"round": round_, "who": who, "what": what, "detail": detail})
+
+    def table(self):
+        """The transcript as a pandas table."""
+        import pandas as pd
+
+        return pd.DataFrame(self.transcript, columns=["round", "who", "what", "detail"])
+
+    def as_dict(self) -> dict:
+        """Plain dict, for evidence."""
+        return {"question": self.question, "answer": self.answer, "result": self.result, "rounds": self.rounds,
+                "errors": self.errors, "transcript": self.transcript}
+
+
+def _short(text: str | None, n: int = 160) -> str:
+    text = (text or "").strip().replace("\n", " ")
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def run_tool_loop(client, model: str, question: str, tools: list[dict] = TOOLS, max_rounds: int = 5,
+                  system: str | None = None, tool_choice: Any = "auto", rounds: list[dict] | None = None,
+                  dispatch: dict[str, Callable[..., Any]] = DISPATCH, **request: Any) -> ToolRun:
+    """Ask `question` with `tools`; execute every tool call via `dispatch`, send results back as role
+    "tool", until the model answers in text or `max_rounds` pass. `rounds[i]` overrides request fields
+    (tools, tool_choice, ...) in round i (see forced_rounds). Bad tool calls become transcript lines."""
+    if not isinstance(max_rounds, int) or max_rounds < 1:
+        raise ValueError(f"max_rounds must be a whole number >= 1, not {max_rounds!r}")
+    run = ToolRun(question)
+    msgs: list[dict] = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": question}]
+    run.note(0, "user", "asks", question)
+    request.setdefault("temperature", 0.0)
+    request.setdefault("max_tokens", 256)
+    for i in range(max_rounds):
+        run.rounds = i + 1
+        kwargs = {"tools": tools, "tool_choice": tool_choice, **request, **((rounds or [])[i:i + 1] or [{}])[0]}
+        offered = kwargs["tools"]
+        reply = client.chat.completions.create(model=model, messages=msgs, **kwargs).choices[0]
+        msg = reply.message
+        calls = msg.tool_calls or []
+        if not calls:
+            text = msg.content or ""
+            if any(tag in text for tag in TOOL_TAGS):
+                run.errors += 1
+                run.note(run.rounds, "labkit", "invalid tool call",
+                         "the reply looks like a tool call that the server could not parse (start the server "
+                         f"with the model's --tool-call-parser): {_short(text)}")
+            elif not text.strip():
+                run.note(run.rounds, "labkit", "empty reply",
+                         f"no text and no tool call (finish_reason={reply.finish_reason}); lmdeploy drops calls "
+                         "to functions that were not offered")
+            else:
+                run.note(run.rounds, "assistant", "answers", _short(text, 400))
+            run.answer = text
+            msgs.append({"role": "assistant", "content": text})
+            break
+        if msg.content and msg.content.strip():
+            run.note(run.rounds, "assistant", "says", _short(msg.content))
+        sent_calls, results = [], []
+        for call in calls:
+            name, args = call.function.name, call.function.arguments
+            ok, value = call_tool(name, args, offered, dispatch)
+            run.note(run.rounds, "assistant", f"calls {name}", args)
+            if ok:
+                run.result = value
+                run.note(run.rounds, "tool", f"{name} returns", json.dumps(value))
+            else:
+                run.errors += 1
+                run.note(run.rounds, "labkit", "invalid tool call", value)
+            # Echo the call back as valid JSON (the server re-parses it for the chat template).
+            try:
+                echoed = args if isinstance(json.loads(args or "{}"), dict) else "{}"
+            except json.JSONDecodeError:
+                echoed = "{}"
+            sent_calls.append({"id": call.id, "type": "function", "function": {"name": name, "arguments": echoed}})
+            results.append({"role": "tool", "tool_call_id": call.id, "name": name,
+                            "content": json.dumps(value) if ok else value})
+        msgs.append({"role": "assistant", "content": msg.content or "", "tool_calls": sent_calls})
+        msgs.extend(results)
+    else:
+        run.note(run.rounds, "labkit", "stopped", f"no final answer after {max_rounds} rounds")
+    run.messages = msgs
+    return run
+
+
+def forced_rounds(calls: list[tuple[str, dict]], tools: list[dict] = TOOLS, max_tokens: int = 400) -> list[dict]:
+    """Per-round request overrides that make a model that cannot call tools (the random test model) write
+    exactly these calls, then answer in text: each round offers one tool whose JSON schema admits only the
+    wanted argument values (`enum`), with tool_choice="required", which lmdeploy enforces by guided
+    decoding (xgrammar). Sampling is opened up (temperature 1, top_p 1, top_k off) so the grammar's
+    optional whitespace cannot trap the model. The loop, the server's parser and the dispatch stay real."""
+    plan = []
+    for name, args in calls:
+        base = next(t for t in tools if t["function"]["name"] == name)
+        fn = json.loads(json.dumps(base["function"]))
+        for key, value in args.items():
+            fn["parameters"]["properties"][key]["enum"] = [value]
+        plan.append({"tools": [{"type": "function", "function": fn}], "tool_choice": "required",
+                     "temperature": 1.0, "top_p": 1.0, "max_tokens": max_tokens,
+                     "extra_body": {"top_k": 0, "repetition_penalty": 1.0}})
+    plan.append({"tool_choice": "none", "max_tokens": 32})
+    return plan
