@@ -1,0 +1,218 @@
+"""labkit.kvcache (labs 00, 04): the capacity predictor against hand arithmetic and against lmdeploy 0.18's
+own executor and cache-plan code (on CPU), bad input, and on a GPU against a real engine (one start)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from labkit import kvcache
+from labkit.kvcache import ModelShape
+
+TINY = "generated:tiny-chat"
+GiB = 1024**3
+MiB = 1024**2
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    text = str(err.value)
+    assert text and "\n" not in text, f"error should be one line: {text!r}"
+    return text
+
+
+@pytest.fixture(scope="module")
+def tiny_dir():
+    from labkit.models import resolve
+
+    return resolve(TINY)
+
+
+@pytest.fixture(scope="module")
+def bench_shape_dir(tmp_path_factory):
+    """The config of generated:bench-1.5b (Qwen2-1.5B shape) without weights: enough for the arithmetic."""
+    from transformers import Qwen2Config
+
+    from labkit.generate import SPECS
+
+    s = SPECS["bench-1.5b"]
+    d = tmp_path_factory.mktemp("bench-shape")
+    cfg = Qwen2Config(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+                      num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                      max_position_embeddings=s.max_positions, tie_word_embeddings=True)
+    cfg.architectures = ["Qwen2ForCausalLM"]
+    cfg.dtype = "bfloat16"
+    cfg.save_pretrained(d)
+    return d
+
+
+def test_shape_reads_vocab(tiny_dir):
+    assert ModelShape.from_dir(tiny_dir) == ModelShape(layers=2, kv_heads=2, head_dim=64, dtype_bytes=2, vocab=4096)
+
+
+def test_block_bytes_by_hand(tiny_dir):
+    shape = ModelShape.from_dir(tiny_dir)  # 2 layers, 2 KV heads, head_dim 64, bf16; blocks of 64 tokens
+    # fp16: K and V each 64 tokens x 2 heads x 64 dims x 2 bytes = 16384 (a multiple of 256); x 2 x 2 layers
+    assert kvcache.block_bytes(shape, 0) == (16384 + 16384) * 2 == 65536
+    # int8: K, V 64 x 2 x 64 x 1 byte = 8192 each; scale+zero 64 x 2 heads x 2 values x 2 bytes = 512 each
+    assert kvcache.block_bytes(shape, 8) == (8192 * 2 + 512 * 2) * 2 == 34816
+    # int4: two values per byte -> 4096 each, same scale+zero
+    assert kvcache.block_bytes(shape, 4) == (4096 * 2 + 512 * 2) * 2 == 18432
+    # padding to 256 bytes shows with odd sizes: 1 head of 8 dims -> 64*8*2 = 1024 fp16, int4 64*4 = 256,
+    # int4 scale+zero 64*1*2*2 = 256; int8 K 64*8 = 512
+    odd = ModelShape(layers=1, kv_heads=1, head_dim=8)
+    assert kvcache.block_bytes(odd, 0) == 2048 and kvcache.block_bytes(odd, 4) == 256 * 4
+    tiny_heads = ModelShape(layers=1, kv_heads=1, head_dim=2)  # K 64*2*2 = 256; int8 K = 128 -> padded 256
+    assert kvcache.block_bytes(tiny_heads, 8) == 256 * 4
+
+
+def test_predict_by_hand(tiny_dir):
+    # lmdeploy 0.18 executor/base.py: runtime = (max_prefill_token_num + 2 * max_batches) * vocab * 2;
+    # blocks = int((free - runtime) * ratio) // block_bytes, halving max_prefill_token_num until >= 16 blocks.
+    got = kvcache.predict(tiny_dir, 0.5, 0, free_bytes=GiB, max_batch_size=128)
+    runtime = (8192 + 2 * 128) * 4096 * 2
+    assert runtime == 69_206_016 == got["runtime_bytes"]
+    assert int((GiB - runtime) * 0.5) // 65536 == 7664 == got["blocks"]
+    assert got["tokens"] == 7664 * 64 and got["kv_bytes"] == 7664 * 65536
+    # 80 MiB free, ratio 0.05: with 8192 prefill tokens only 11 blocks fit, so the engine halves to 4096
+    small = kvcache.predict(tiny_dir, 0.05, 0, free_bytes=80 * MiB, max_batch_size=128)
+    assert int((80 * MiB - runtime) * 0.05) // 65536 == 11
+    assert (small["max_prefill_token_num"], small["blocks"]) == (4096, int((80 * MiB - 35_651_584) * 0.05) // 65536)
+    assert small["blocks"] == 36
+
+
+def test_default_max_batch_size():
+    assert kvcache.default_max_batch_size("NVIDIA H100 80GB HBM3") == 1024
+    assert kvcache.default_max_batch_size("NVIDIA H200") == 1024
+    assert kvcache.default_max_batch_size("NVIDIA A100-SXM4-40GB") == 384
+    assert kvcache.default_max_batch_size("NVIDIA GeForce RTX 4090") == 128
+
+
+@pytest.fixture
+def lmdeploy_on_cpu(monkeypatch):
+    """lmdeploy's ModelConfig asks CUDA whether bf16 works; say yes so its real config/plan code runs on CPU."""
+    import lmdeploy.pytorch.config as lmd_config
+
+    monkeypatch.setattr(lmd_config, "is_bf16_supported", lambda *a, **k: True)
+    return lmd_config
+
+
+@pytest.mark.parametrize("which", ["tiny", "bench"])
+def test_block_bytes_match_lmdeploys_cache_plan(which, tiny_dir, bench_shape_dir, lmdeploy_on_cpu):
+    from lmdeploy.messages import QuantPolicy
+    from lmdeploy.pytorch.engine.cache_engine.plan import build_block_cache_plan
+
+    model_dir = tiny_dir if which == "tiny" else bench_shape_dir
+    mc = lmdeploy_on_cpu.ModelConfig.from_pretrained(str(model_dir), dtype="auto", device_type="cuda", block_size=64)
+    shape = ModelShape.from_dir(model_dir)
+    for policy in (0, 4, 8):
+        cc = lmdeploy_on_cpu.CacheConfig(max_batches=128, block_size=64, num_cpu_blocks=0, num_gpu_blocks=0,
+                                         quant_policy=QuantPolicy(policy))
+        theirs = build_block_cache_plan(mc, cc, 1).logical_block_nbytes  # allocates one block on 'meta'
+        assert kvcache.block_bytes(shape, policy) == theirs, (which, policy)
+
+
+CASES = [(GiB, 0.5, 0, 128), (80 * GiB, 0.1, 4, 1024), (80 * GiB, 0.8, 8, 1024), (80 * MiB, 0.05, 0, 128),
+         (300 * MiB, 0.01, 8, 1024), (24 * GiB, 0.4, 4, 384)]
+
+
+@pytest.mark.parametrize("free, ratio, policy, batches", CASES)
+def test_predict_matches_lmdeploys_executor(free, ratio, policy, batches, tiny_dir, bench_shape_dir, lmdeploy_on_cpu):
+    """lmdeploy's own ExecutorBase.update_configs, fed a stated free-memory reading, against predict()."""
+    from lmdeploy.messages import QuantPolicy
+    from lmdeploy.pytorch.engine.cache_engine.plan import build_block_cache_plan
+    from lmdeploy.pytorch.engine.executor.base import ExecutorBase, _WorkerCachePlanSizes
+
+    C = lmdeploy_on_cpu
+
+    class StatedFreeMemory(ExecutorBase):
+        """The real executor arithmetic; only the GPU reading and the worker calls are replaced."""
+
+        def gather_free_mem(self):
+            return [free]
+
+        def _prepare_worker_cache_plans(self, cache_config, spec_cache_config=None):
+            plan = build_block_cache_plan(self.model_config, cache_config, 1)
+            return [_WorkerCachePlanSizes(plan.logical_block_nbytes)]
+
+        def set_cache_config(self, *args):
+            pass
+
+        def set_model_config(self, *args):
+            pass
+
+    for model_dir in (tiny_dir, bench_shape_dir):
+        mc = C.ModelConfig.from_pretrained(str(model_dir), dtype="auto", device_type="cuda", block_size=64)
+        cc = C.CacheConfig(max_batches=batches, block_size=64, num_cpu_blocks=0, num_gpu_blocks=0,
+                           cache_max_entry_count=ratio, quant_policy=QuantPolicy(policy))
+        ex = StatedFreeMemory(str(model_dir), mc, cc, C.BackendConfig(), C.DistConfig(), C.MiscConfig())
+        try:
+            ex.update_configs()
+            theirs = (cc.num_gpu_blocks, cc.max_prefill_token_num)
+        except RuntimeError:  # no room: lmdeploy refuses to start
+            with pytest.raises(ValueError):
+                kvcache.predict(model_dir, ratio, policy, free_bytes=free, max_batch_size=batches)
+            continue
+        ours = kvcache.predict(model_dir, ratio, policy, free_bytes=free, max_batch_size=batches)
+        assert (ours["blocks"], ours["max_prefill_token_num"]) == theirs, (model_dir.name, free, ratio, policy)
+
+
+@pytest.mark.parametrize("ratio, policy, expect", [
+    (1.5, 0, "must be in (0, 1]"), (0, 0, "must be in (0, 1]"), (-0.2, 8, "must be in (0, 1]"),
+    (1.0, 0, "must be below 1"), (0.4, 3, "quant_policy must be one of [0, 4, 8]"),
+    (0.4, 16, "quant_policy must be one of"),
+])
+def test_bad_input_is_one_clear_line(ratio, policy, expect, tiny_dir):
+    with pytest.raises(ValueError) as err:
+        kvcache.predict(tiny_dir, ratio, policy, free_bytes=GiB)
+    assert expect in one_line(err)
+
+
+def test_no_room_is_a_clear_error(tiny_dir):
+    with pytest.raises(ValueError) as err:
+        kvcache.predict(tiny_dir, 0.01, 0, free_bytes=70 * MiB, max_batch_size=128)
+    assert "no room for a KV cache" in one_line(err)
+
+
+def test_sweep_checks_every_run_before_starting(tiny_dir):
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        kvcache.sweep(tiny_dir, [[0.1, 0], [1.5, 8]], ["hi"])
+    with pytest.raises(ValueError, match="quant_policy must be one of"):
+        kvcache.sweep(tiny_dir, [[0.1, 0], [0.1, 2]], ["hi"])
+    with pytest.raises(ValueError, match="need a quant_policy 0 run"):
+        kvcache.sweep(tiny_dir, [[0.1, 8]], ["hi"])
+
+
+def test_capacity_table_and_budget_still_work(tiny_dir):
+    table = kvcache.capacity_table(tiny_dir, ratios=(0.4,), free_bytes=8 * GiB, max_batch_size=384)
+    assert list(table["kv policy"]) == ["0 (fp16/bf16 KV)", "4 (int4 KV)", "8 (int8 KV)"]
+    fp16, int4, int8 = table["tokens that fit"]
+    assert int8 / fp16 > 1.8 and int4 / fp16 > 3.4
+    budget = kvcache.budget(tiny_dir, ratio=0.8, gpu_free_gib=24)  # lab 00
+    assert len(budget) == 3 and (budget["tokens that fit"] > 0).all()
+
+
+def test_agreement():
+    assert kvcache.agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]) == (100.0, 3.0)
+    same, prefix = kvcache.agreement([[1, 2, 3], [4, 5, 6]], [[1, 9, 3], [0, 5, 6]])
+    assert round(same, 2) == 66.67 and prefix == 0.5
+
+
+@pytest.mark.gpu
+def test_predictor_matches_a_real_engine(tiny_dir):
+    """One engine start: predicted blocks within 10% of what lmdeploy allocated; the block layout exact."""
+    from labkit.engine import Engine
+
+    ratio, policy = 0.05, 8
+    predicted = kvcache.predict(tiny_dir, ratio, policy)
+    with Engine(tiny_dir, backend="pytorch", name="test-kvcache", cache_ratio=ratio, quant_policy=policy) as eng:
+        cap = kvcache.engine_capacity(eng)
+        reply = eng.generate("hello", max_new_tokens=8, ignore_eos=True)
+        memory = eng.memory_gib
+    print(json.dumps({"predicted": predicted, "engine": cap, "memory GiB": memory}, indent=1))
+    assert reply.generate_token_len == 8
+    assert cap["block_bytes_from"] == "engine"
+    assert cap["block_bytes"] == predicted["block_bytes"] == kvcache.block_bytes(ModelShape.from_dir(tiny_dir), policy)
+    assert cap["block_size"] == 64 and cap["quant_policy"] == policy
+    assert cap["max_batch_size"] == predicted["max_batch_size"]
+    assert abs(predicted["blocks"] - cap["blocks"]) <= 0.10 * cap["blocks"]
+    assert memory * GiB >= cap["kv_bytes"]

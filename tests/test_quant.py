@@ -1,0 +1,190 @@
+"""labkit.quant (lab 03): lmdeploy's AWQ really runs on the generated model on CPU; bad settings fail
+before any work; the calibration fallback says so; the course's command is checked with lmdeploy's
+own CLI parser; the CPU quality check (dequantized next-token agreement) works."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from labkit import quant
+from labkit.gpu import has_cuda
+from labkit.quant import QuantError
+
+TINY = "generated:tiny-chat"
+SMALL = dict(calib_samples=4, calib_seqlen=64)
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    text = str(err.value)
+    assert text and "\n" not in text, f"error should be one line: {text!r}"
+    return text
+
+
+@pytest.fixture(scope="module")
+def tiny_dir():
+    from labkit.models import resolve
+
+    return resolve(TINY)
+
+
+@pytest.fixture(scope="module")
+def awq_run(tmp_path_factory, tiny_dir):
+    out = tmp_path_factory.mktemp("awq") / "tiny-awq"
+    start = time.perf_counter()
+    got = quant.awq(TINY, work_dir=out, device=None, **SMALL)
+    return got, time.perf_counter() - start
+
+
+def test_awq_runs_and_shrinks_the_model(awq_run, tiny_dir):
+    out, seconds = awq_run
+    print(f"AWQ on CPU took {seconds:.1f} s")
+    cfg = json.loads((out / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert (q["quant_method"], q["bits"], q["group_size"], q["zero_point"]) == ("awq", 4, 128, True)
+    assert quant.disk_size(out) < 0.7 * quant.disk_size(tiny_dir)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.down_proj.qweight" in keys and "model.layers.0.mlp.down_proj.weight" not in keys
+    assert not any((out / name).exists() for name in quant.STATS_FILES)
+    meta = quant.info(out)
+    assert meta["params"]["calib_samples"] == 4 and meta["device"] == ("cuda" if has_cuda() else "cpu")
+    table = quant.compare_sizes({"bf16": tiny_dir, "awq": out})
+    assert table["vs first"].iloc[1] < 0.7
+
+
+def test_awq_is_cached_and_the_swap_is_undone(awq_run, capsys):
+    import lmdeploy.lite.apis.calibrate as calibrate_mod
+    from lmdeploy.lite.utils import get_calib_loaders
+
+    out, _ = awq_run
+    assert calibrate_mod.get_calib_loaders is get_calib_loaders, "lmdeploy's calibration loader was not restored"
+    start = time.perf_counter()
+    again = quant.awq(TINY, work_dir=out, device=None, **SMALL)
+    assert again == out and time.perf_counter() - start < 5
+    assert "cached" in capsys.readouterr().out
+
+
+def test_calibration_fallback_says_so(awq_run, monkeypatch):
+    # conftest sets HF_HUB_OFFLINE=1, and this machine may lack `datasets`: either way lmdeploy's hub sets
+    # cannot load, and labkit must say it calibrates on its local corpus.
+    out, _ = awq_run
+    used = quant.info(out)["calibration"]
+    assert used["kind"] == "local" and used["name"] == "corpus.txt"
+    assert "calibrating on labkit's local corpus instead" in used["reason"]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a closed port: the probe fails fast
+    src = quant.calibration_source()
+    assert src.kind == "local" and ("not installed" in src.reason or "did not answer" in src.reason), src
+
+
+def test_hub_loader_failure_falls_back_and_says_so(tiny_dir, capsys):
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("`datasets` is installed: lmdeploy's own loader would try the hub")
+    import lmdeploy.lite.apis.calibrate as calibrate_mod
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    hub = quant.CalibSource("hub", "wikitext2", None, "pretend the hub answered")
+    local = quant.calibration_source(probe=False)
+    used: dict = {}
+    with quant._calibration_loader(hub, local, tok, 3, 32, used):
+        samples = calibrate_mod.get_calib_loaders("wikitext2", tok, nsamples=3, seqlen=32)
+    assert [tuple(s.shape) for s in samples] == [(1, 32)] * 3
+    assert used["source"]["kind"] == "local"
+    assert "calibrating on labkit's local corpus instead" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, expect", [
+    (dict(w_group_size=100), "w_group_size 100 does not divide the hidden size 256"),
+    (dict(w_group_size=512), "does not divide"),
+    (dict(w_group_size=0), "w_group_size must be a whole number >= 1"),
+    (dict(w_bits=8), "w_bits must be 4"),
+    (dict(w_bits=3), "w_bits must be 4"),
+    (dict(calib_samples=0), "calib_samples must be a whole number >= 1"),
+    (dict(calib_seqlen=-5), "calib_seqlen must be a whole number >= 1"),
+    (dict(batch_size=0), "batch_size must be a whole number >= 1"),
+    (dict(calib_dataset="ptb"), "removed in lmdeploy 0.12"),
+])
+def test_bad_settings_fail_before_any_work(kwargs, expect, tmp_path):
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    with pytest.raises(QuantError) as err:
+        quant.awq(TINY, work_dir=out, device=None, **kwargs)
+    assert expect in one_line(err)
+    assert time.perf_counter() - start < 3, "the check must come before any model loads"
+    assert not out.exists()
+
+
+def test_calibration_file_missing_or_empty(tmp_path):
+    with pytest.raises(QuantError) as err:
+        quant.awq(TINY, work_dir=tmp_path / "a", device=None, calib_text=tmp_path / "nope.txt")
+    assert "does not exist" in one_line(err)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n")
+    with pytest.raises(QuantError) as err:
+        quant.awq(TINY, work_dir=tmp_path / "b", device=None, calib_text=empty)
+    assert "is empty" in one_line(err)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_too_little_calibration_text(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("A short note about weights and activations. " * 5)
+    start = time.perf_counter()
+    with pytest.raises(QuantError) as err:
+        quant.awq(TINY, work_dir=tmp_path / "out", device=None, calib_text=short, calib_samples=8, calib_seqlen=128)
+    msg = one_line(err)
+    assert "short.txt has" in msg and "8 x 128 = 1,024" in msg and "lower calib_samples" in msg
+    assert time.perf_counter() - start < 60  # only the tokenizer loads, never the model
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_without_gpu_is_a_clear_error(tmp_path):
+    from labkit.gpu import has_cuda
+
+    if has_cuda():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(QuantError) as err:
+        quant.awq(TINY, work_dir=tmp_path / "out", device="cuda")
+    assert "use device='cpu'" in one_line(err)
+
+
+def test_course_command_vs_lmdeploy_018_parser():
+    ok, msg = quant.check_command(quant.course_command("m", "out"))
+    assert not ok and "invalid choice: 'ptb'" in msg
+    ok, msg = quant.check_command(quant.course_command("m", "out").replace("ptb", "wikitext2"))
+    assert not ok and "unrecognized arguments: False" in msg
+    assert quant.check_command(quant.current_command("m", "out")) == (True, "accepted")
+    assert quant.check_command(quant.current_command("m", "out", search_scale=True, device="cpu"))[0]
+    table = quant.command_changes("m", "out")
+    assert table["lmdeploy 0.18 says"].tolist()[-1] == "accepted"
+    assert sum(s != "accepted" for s in table["lmdeploy 0.18 says"]) == 3
+    flags = quant.cli_flags().set_index("flag")
+    assert flags.loc["--search-scale", "kind"] == "switch (no value)"
+    assert "ptb" not in flags.loc["--calib-dataset", "choices"] and "wikitext2" in flags.loc["--calib-dataset", "choices"]
+
+
+def test_next_token_agreement_on_cpu(awq_run, tiny_dir):
+    out, _ = awq_run
+    got = quant.next_token_agreement(tiny_dir, out, seqlen=128, windows=2)
+    print(got)
+    assert got["tokens"] == 256
+    assert got["top-1 agreement"] > 0.5 > 100 * got["chance agreement"]
+    assert 0 <= got["KL mean (nats)"] < 0.05
+
+
+def test_dequantized_model_refuses_a_foreign_model(awq_run, tmp_path):
+    from labkit.generate import Spec, build_chat_model
+
+    other = tmp_path / "other"
+    build_chat_model(Spec(hidden=128, intermediate=256, layers=1, heads=2, kv_heads=1, vocab=4096), other)
+    out, _ = awq_run
+    with pytest.raises((QuantError, RuntimeError)):
+        quant.dequantized_model(out, other)
