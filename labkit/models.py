@@ -48,16 +48,16 @@ CATALOGUE: dict[str, CourseModel] = {
              "/share/new_models/Shanghai_AI_Laboratory/internlm2_5-7b-chat"),
             disk_gib=14.5, min_gpu_gib=18.0, tool_parser="internlm",
             notes="the course's larger text model; needs a 24 GB slice", labs=("01", "03")),
-        CourseModel(
-            "InternVL3-1B", "vision", "OpenGVLab/InternVL3-1B", "OpenGVLab/InternVL3-1B",
-            ("/root/share/new_models/OpenGVLab/InternVL3-1B", "/share/new_models/OpenGVLab/InternVL3-1B"),
+        CourseModel(  # the -hf layout (transformers' own InternVL classes) is what tiny-vl mirrors and tests
+            "InternVL3-1B-hf", "vision", "OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-1B-hf",
+            ("/root/share/new_models/OpenGVLab/InternVL3-1B-hf", "/share/new_models/OpenGVLab/InternVL3-1B-hf"),
             disk_gib=1.9, min_gpu_gib=5.0,
             notes="vision-language model for lab 05 (the course used LLaVA / XComposer2, "
                   "which lmdeploy 0.15 dropped)", labs=("05",)),
     ]
 }
 
-DEFAULTS = {"chat": "internlm2_5-1_8b-chat", "vision": "InternVL3-1B"}
+DEFAULTS = {"chat": "internlm2_5-1_8b-chat", "vision": "InternVL3-1B-hf"}
 GENERATED_FALLBACK = {"chat": "generated:tiny-chat", "vision": "generated:tiny-vl"}
 
 
