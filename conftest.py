@@ -44,6 +44,9 @@ def _is_gpu_cell(item) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # `-m "gpu or notebook"` selects what the GPU suite runs
+        if getattr(item, "cell", None) is not None:
+            item.add_marker(pytest.mark.notebook)
     if _cuda():
         return
     skip = pytest.mark.skip(reason=GPU_SKIP)

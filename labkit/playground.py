@@ -12,17 +12,20 @@ from typing import Any
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
-def default_engine(model: str, name: str = "playground"):
-    """An LMDeploy Engine where a CUDA GPU is usable, else the transformers baseline on CPU."""
+def default_engine(model: str, name: str = "playground", engine: str = "auto"):
+    """An LMDeploy Engine where a CUDA GPU is usable (engine='auto'), else the transformers baseline."""
     from labkit.gpu import has_cuda
 
-    if has_cuda():
+    if engine not in ("auto", "lmdeploy", "transformers"):
+        raise ValueError(f"engine must be 'auto', 'lmdeploy' or 'transformers', not {engine!r}")
+    if engine == "lmdeploy" or (engine == "auto" and has_cuda()):
         from labkit.engine import Engine
 
         return Engine(model, name=name, cache_ratio=0.2)
     from labkit.baseline import HFEngine
 
-    print("No CUDA GPU: the playground uses the transformers baseline on the CPU (slow, but it runs).")
+    if engine == "auto":
+        print("No CUDA GPU: the playground uses the transformers baseline on the CPU (slow, but it runs).")
     return HFEngine(model, name=name)
 
 

@@ -31,7 +31,9 @@ else
   export PATH="$PWD/.venv/bin:$PATH"
 fi
 $PY -m labkit.cli doctor --offline
-[ $# -eq 0 ] && set -- tests notebooks   # or name test files / notebooks to run a part
+# By default every notebook and every test marked `gpu`; CPU-only unit tests run in CI (make test).
+# Name test files / notebooks (and pytest options) to run a part.
+[ $# -eq 0 ] && set -- notebooks tests -m "gpu or notebook"
 $PY -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
   -p no:cacheprovider -rA "$@" 2>&1 | tee "$LABKIT_REPORT_DIR/pytest.log"
 status=${PIPESTATUS[0]}

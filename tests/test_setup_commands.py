@@ -43,7 +43,14 @@ def test_lab_command_opens_jupyterlab(tmp_path):
                 url = m.group(1)
                 break
         assert url, "JupyterLab did not print its URL:\n" + "".join(lines[-30:])
-        resp = requests.get(url, timeout=10)
+        resp, deadline = None, time.monotonic() + 30
+        while resp is None:  # the URL can be printed a moment before the server accepts connections
+            try:
+                resp = requests.get(url, timeout=10)
+            except requests.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.3)
         assert resp.status_code == 200 and "JupyterLab" in resp.text
         api = requests.get(f"http://127.0.0.1:{port}/api/contents", params={"token": url.split("token=")[1]},
                            timeout=10).json()
