@@ -34,8 +34,10 @@ $PY -m labkit.cli doctor --offline
 # By default every notebook and every test marked `gpu`; CPU-only unit tests run in CI (make test).
 # Name test files / notebooks (and pytest options) to run a part.
 [ $# -eq 0 ] && set -- notebooks tests -m "gpu or notebook"
-$PY -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
+# SIGINT at the limit lets pytest still print and write its summary (the runner allows 10 minutes a command).
+timeout -s INT "${SUITE_TIMEOUT:-570}" $PY -m pytest --durations=40 --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
   -p no:cacheprovider -rA "$@" 2>&1 | tee "$LABKIT_REPORT_DIR/pytest.log"
 status=${PIPESTATUS[0]}
 echo "lmdeploy processes left: $(pgrep -fc 'lmdeploy' || true)"
+pgrep -fa lmdeploy | cut -c1-200 || true
 exit $status

@@ -1,8 +1,7 @@
 """labkit.kvcache (labs 00, 04): the capacity predictor against hand arithmetic and against lmdeploy 0.18's
-own executor and cache-plan code (on CPU), bad input, and on a GPU against a real engine (one start)."""
+own executor and cache-plan code (on CPU), bad input. On a GPU, lab 04 checks it against real engines."""
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -197,22 +196,5 @@ def test_agreement():
     assert round(same, 2) == 66.67 and prefix == 0.5
 
 
-@pytest.mark.gpu
-def test_predictor_matches_a_real_engine(tiny_dir):
-    """One engine start: predicted blocks within 10% of what lmdeploy allocated; the block layout exact."""
-    from labkit.engine import Engine
-
-    ratio, policy = 0.05, 8
-    predicted = kvcache.predict(tiny_dir, ratio, policy)
-    with Engine(tiny_dir, backend="pytorch", name="test-kvcache", cache_ratio=ratio, quant_policy=policy) as eng:
-        cap = kvcache.engine_capacity(eng)
-        reply = eng.generate("hello", max_new_tokens=8, ignore_eos=True)
-        memory = eng.memory_gib
-    print(json.dumps({"predicted": predicted, "engine": cap, "memory GiB": memory}, indent=1))
-    assert reply.generate_token_len == 8
-    assert cap["block_bytes_from"] == "engine"
-    assert cap["block_bytes"] == predicted["block_bytes"] == kvcache.block_bytes(ModelShape.from_dir(tiny_dir), policy)
-    assert cap["block_size"] == 64 and cap["quant_policy"] == policy
-    assert cap["max_batch_size"] == predicted["max_batch_size"]
-    assert abs(predicted["blocks"] - cap["blocks"]) <= 0.10 * cap["blocks"]
-    assert memory * GiB >= cap["kv_bytes"]
+# On a GPU, notebooks/04_kv_cache.ipynb checks the predictor against real engines (blocks within 10%, the
+# engine's own block count per KV policy); the GPU suite runs it there rather than starting another engine here.
