@@ -24,6 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# lmdeploy torch.compile()s a few functions (RMSNorm; InternVL's vision encoder with max-autotune), which
+# costs every engine start tens of seconds of compiling. Tests check behaviour, not speed: run them eager.
+# Students' notebooks and the benchmark scripts keep compiling.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
 GPU_SKIP = "needs a CUDA GPU: found none (gpu cell / gpu test)"
 _stats: dict[str, dict] = defaultdict(lambda: {"passed": 0, "skipped": 0, "failed": 0, "seconds": 0.0,
