@@ -9,8 +9,8 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -164,8 +164,13 @@ def hubs() -> dict[str, str]:
 def doctor(check_hubs: bool = True) -> Report:
     """Check this machine for the labs; returns a Report (printable, a table in a notebook)."""
     start = time.perf_counter()
-    pool = ThreadPoolExecutor(max_workers=3)
-    hub_futures = {name: pool.submit(_probe, url) for name, url in hubs().items()} if check_hubs else {}
+    hub_results: dict[str, tuple[bool, str]] = {}
+    probes = []
+    if check_hubs:  # daemon threads: a DNS lookup with no network can block far longer than any socket timeout
+        for name, url in hubs().items():
+            t = threading.Thread(target=lambda n=name, u=url: hub_results.__setitem__(n, _probe(u)), daemon=True)
+            t.start()
+            probes.append((name, t))
     rows: list[Row] = []
     py = sys.version_info
     rows.append(Row("python", OK if py >= (3, 10) else FAIL, sys.version.split()[0],
@@ -230,12 +235,13 @@ def doctor(check_hubs: bool = True) -> Report:
                         "the course model needs ~4 GiB and its AWQ copy ~2 GiB: free some space or "
                         "set HF_HOME / LABKIT_HOME to a bigger disk"))
 
-    for name, fut in hub_futures.items():
-        ok, detail = fut.result()
+    deadline = start + HUB_TIMEOUT + 0.5
+    for name, t in probes:
+        t.join(timeout=max(0.0, deadline - time.perf_counter()))
+        ok, detail = hub_results.get(name, (False, f"no answer within {HUB_TIMEOUT:.0f} s"))
         rows.append(Row(f"hub {name}", OK if ok else WARN, f"{hubs()[name]}: {detail}",
                         "downloads will fail: use the course's shared folder (LABKIT_SHARE), set "
                         "HF_ENDPOINT to a mirror, LABKIT_HUB=modelscope, or LABKIT_MODEL=generated:tiny-chat"))
-    pool.shutdown(wait=False)
     return Report(rows, time.perf_counter() - start)
 
 

@@ -208,3 +208,21 @@ def test_kvcache_input_checks():
     shape = kvcache.ModelShape.from_dir(generate.ensure("tiny-chat"))
     assert kvcache.bytes_per_token(shape, 8) < kvcache.bytes_per_token(shape, 0) / 1.8
     assert kvcache.bytes_per_token(shape, 4) < kvcache.bytes_per_token(shape, 8)
+
+
+def test_doctor_does_not_wait_for_a_hub_that_never_answers(monkeypatch):
+    """A hub that accepts the connection and then says nothing costs at most the probe timeout."""
+    import socket
+
+    from labkit.doctor import WARN, doctor
+
+    with socket.socket() as deaf:
+        deaf.bind(("127.0.0.1", 0))
+        deaf.listen(8)  # never accepts, never answers
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{deaf.getsockname()[1]}")
+        start = time.perf_counter()
+        report = doctor()
+        took = time.perf_counter() - start
+    row = report.get("hub Hugging Face")
+    assert row.status == WARN and "no answer" in row.value, row
+    assert took < 5, f"doctor took {took:.1f} s"
