@@ -13,7 +13,9 @@ cd "$(dirname "$0")/.."
 export LABKIT_REPORT_DIR="${LABKIT_REPORT_DIR:-${OUT:-artifacts/gpu-suite}}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$LABKIT_REPORT_DIR"
-if [ -d .wheelhouse ] && ! python3 -c "import lmdeploy" 2>/dev/null; then
+if [ ! -d .venv ] && python3 -c "import lmdeploy, nbval" 2>/dev/null; then
+  PY=python3   # the packages are there already (e.g. PYTHONPATH set by hand)
+elif [ -d .wheelhouse ] && ! python3 -c "import lmdeploy" 2>/dev/null; then
   site=/tmp/labkit-site
   start=$(date +%s)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
