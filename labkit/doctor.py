@@ -72,9 +72,16 @@ class Report:
         return str(self)
 
     def _repr_html_(self) -> str:
-        return self.to_frame().style.apply(
-            lambda col: [f"color: {'green' if v == OK else 'darkorange' if v == WARN else 'red'}" for v in col],
-            subset=["status"]).hide(axis="index").to_html()
+        import html
+
+        color = {OK: "green", WARN: "darkorange", FAIL: "red"}
+        rows = "".join(
+            f"<tr><td>{html.escape(r.check)}</td><td style='color:{color[r.status]}'><b>{r.status}</b></td>"
+            f"<td style='text-align:left'>{html.escape(r.value)}</td>"
+            f"<td style='text-align:left'>{html.escape(r.fix) if r.status != OK else ''}</td></tr>" for r in self.rows)
+        verdict = "READY" if self.ready else "NOT READY"
+        return (f"<table><tr><th>check</th><th>status</th><th>value</th><th>fix</th></tr>{rows}</table>"
+                f"<p><b>{verdict}</b> ({self.seconds:.1f} s)</p>")
 
 
 def _version(pkg: str) -> str | None:
