@@ -206,12 +206,9 @@ class HFEngine:
 
 def close_baseline(name: str) -> bool:
     """Close the live baseline called `name`, if any; True if one was closed."""
-    eng = _live.get(name)
-    if eng is None:
-        return False
-    print(f"closing the earlier baseline {name!r} ({eng.model_dir.name}) first")
-    eng.close()
-    return True
+    from labkit.live import replace_earlier
+
+    return replace_earlier(_live, name, "baseline")
 
 
 def _memory() -> int:

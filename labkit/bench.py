@@ -339,3 +339,14 @@ def markdown(table) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def report(text: str, out: str | Path | None = None) -> str:
+    """Print a benchmark's markdown section and, if `out` is given, write it there; return the text."""
+    print("\n" + text)
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        print(f"written to {out}")
+    return text

@@ -66,6 +66,17 @@ _EXTENSIONS: list = []
 _EXTENSION_MODULES = ["labkit.serve", "labkit.webui"]
 
 
+def run_script(main_fn) -> int:
+    """Run a script's main(); labkit's errors (and ValueError) end it with one line that says what to do."""
+    try:
+        return main_fn()
+    except Exception as err:
+        if type(err).__module__.split(".")[0] != "labkit" and not isinstance(err, ValueError):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `labkit` command."""
     args = build_parser().parse_args(argv)

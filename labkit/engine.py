@@ -251,12 +251,9 @@ def _init_cuda_context() -> None:
 
 def close_engine(name: str) -> bool:
     """Close the live engine called `name`, if any; True if one was closed."""
-    eng = _live.get(name)
-    if eng is None:
-        return False
-    print(f"closing the earlier engine {name!r} ({eng.model_dir.name}) first")
-    eng.close()
-    return True
+    from labkit.live import replace_earlier
+
+    return replace_earlier(_live, name, "engine")
 
 
 def close_all() -> None:

@@ -47,13 +47,19 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _environment() -> dict[str, Any]:
-    env: dict[str, Any] = {}
-    for pkg in ("lmdeploy", "torch", "transformers"):
+def versions(packages: tuple[str, ...] = ("lmdeploy", "torch", "transformers")) -> dict[str, str | None]:
+    """Installed versions of `packages` (None where missing), for evidence and benchmark reports."""
+    out: dict[str, str | None] = {}
+    for pkg in packages:
         try:
-            env[pkg] = metadata.version(pkg)
+            out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
-            env[pkg] = None
+            out[pkg] = None
+    return out
+
+
+def _environment() -> dict[str, Any]:
+    env: dict[str, Any] = dict(versions())
     from labkit.gpu import gpus
 
     found = gpus()

@@ -626,12 +626,9 @@ def _choose_backend(model_dir: Path, backend: str) -> tuple[str, str]:
 
 def stop_server(name: str) -> bool:
     """Stop the live server called `name` that this kernel started, if any; True if one was stopped."""
-    srv = _live.get(name)
-    if srv is None:
-        return False
-    print(f"stopping the earlier server {name!r} ({srv.model_name}, port {srv.port}) first")
-    srv.stop()
-    return True
+    from labkit.live import replace_earlier
+
+    return replace_earlier(_live, name, "server")
 
 
 def _stop_strays_named(name: str) -> None:

@@ -10,10 +10,11 @@ import argparse
 import shlex
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing labkit
+from labkit.cli import run_script
+from labkit.evidence import versions as labkit_versions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     table = bench.compare(hf_table, lmd_table)
     print(table.to_string(index=False))
 
-    versions = ", ".join(f"{pkg} {_version(pkg)}" for pkg in ("lmdeploy", "torch", "transformers"))
+    versions = ", ".join(f"{pkg} {v or '-'}" for pkg, v in labkit_versions().items())
     command = "python scripts/bench_chat.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     lines = [f"GPU: {gpu.name}; model `{args.model}` ({model_dir.name}); prompt {args.prompt_tokens} tokens, "
              f"{args.new_tokens} new tokens (ignore_eos), warm-up {args.warmup}, median of {args.repeats}; "
@@ -75,27 +76,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{over['noise % (IQR of pairs)']:.2f} %), of which labkit's own work "
                   f"{over['labkit work per call µs']:.0f} µs per call = {over['labkit work %']:.3f} %.", ""]
     lines += ["Command:", "", "```bash", command, "```", ""]
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
-        print(f"written to {args.out}")
+    bench.report("\n".join(lines), args.out)
     return 0
 
 
-def _version(pkg: str) -> str:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return "-"
-
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception as err:  # labkit's errors say what to do: one line, no traceback
-        if type(err).__module__.split(".")[0] != "labkit":
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_script(main))

@@ -13,10 +13,11 @@ import argparse
 import shlex
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing labkit
+from labkit.cli import run_script
+from labkit.evidence import versions as labkit_versions
 
 BEGIN, END = "<!-- bench_quant: begin -->", "<!-- bench_quant: end -->"
 PROMPTS = ["Explain what a KV cache stores.", "Write a haiku about memory.", "List three uses of a GPU.",
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     print(weights.to_string(index=False))
     print(kv.to_string(index=False))
 
-    versions = ", ".join(f"{pkg} {_version(pkg)}" for pkg in ("lmdeploy", "torch", "transformers"))
+    versions = ", ".join(f"{pkg} {v or '-'}" for pkg, v in labkit_versions().items())
     command = "python scripts/bench_quant.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     cal = awq_info["calibration"]
     lines = [BEGIN, "## Quantization: AWQ W4A16 weights and int8 / int4 KV cache (labs 03, 04)", "",
@@ -126,12 +127,7 @@ def main(argv: list[str] | None = None) -> int:
              f"with fp16 KV.", "",
              bench.markdown(kv.round(2)), "",
              "Command:", "", "```bash", command, "```", END, ""]
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
-        print(f"written to {args.out}")
+    text = bench.report("\n".join(lines), args.out)
     if args.append:
         write_section(args.append, text)
         print(f"section written to {args.append}")
@@ -150,18 +146,6 @@ def write_section(path: Path, text: str) -> None:
     path.write_text(new, encoding="utf-8")
 
 
-def _version(pkg: str) -> str:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return "-"
-
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception as err:  # labkit's errors say what to do: one line, no traceback
-        if type(err).__module__.split(".")[0] != "labkit" and not isinstance(err, ValueError):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_script(main))

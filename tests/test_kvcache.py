@@ -7,23 +7,10 @@ import pytest
 
 from labkit import kvcache
 from labkit.kvcache import ModelShape
+from helpers import one_line
 
-TINY = "generated:tiny-chat"
 GiB = 1024**3
 MiB = 1024**2
-
-
-def one_line(err: pytest.ExceptionInfo) -> str:
-    text = str(err.value)
-    assert text and "\n" not in text, f"error should be one line: {text!r}"
-    return text
-
-
-@pytest.fixture(scope="module")
-def tiny_dir():
-    from labkit.models import resolve
-
-    return resolve(TINY)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,8 @@ from labkit.baseline import HFEngine
 from labkit.engine import EngineError
 from labkit.models import ModelNotFoundError, resolve
 from labkit.show import stream_to_notebook
+from helpers import TINY, one_line
 
-TINY = "generated:tiny-chat"
-
-
-def one_line(err: pytest.ExceptionInfo) -> str:
-    text = str(err.value)
-    assert text and "\n" not in text, f"error should be one line: {text!r}"
-    return text
 
 
 @pytest.fixture(scope="module")

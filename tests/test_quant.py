@@ -11,22 +11,9 @@ import pytest
 from labkit import quant
 from labkit.gpu import has_cuda
 from labkit.quant import QuantError
+from helpers import TINY, one_line
 
-TINY = "generated:tiny-chat"
 SMALL = dict(calib_samples=4, calib_seqlen=64)
-
-
-def one_line(err: pytest.ExceptionInfo) -> str:
-    text = str(err.value)
-    assert text and "\n" not in text, f"error should be one line: {text!r}"
-    return text
-
-
-@pytest.fixture(scope="module")
-def tiny_dir():
-    from labkit.models import resolve
-
-    return resolve(TINY)
 
 
 @pytest.fixture(scope="module")
