@@ -318,11 +318,14 @@ def overhead(model: Any, batch: int = 8, new_tokens: int = 64, pairs: int = 21) 
             gen_config(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
         wrapper = (time.perf_counter() - start) / loops
         raw_median = statistics.median(raw)
+        # Two standard errors of a median of `pairs` ratios (sigma ~ IQR / 1.349, SE ~ 1.2533 sigma / sqrt(n)):
+        # a paired difference inside this bound is run-to-run noise, not labkit.
+        noise_bound = 2 * 1.2533 * (q3 - q1) / 1.349 / len(ratios) ** 0.5 * 100
         return {"engine": label(eng), "batch": batch, "new tokens": new_tokens, "pairs": pairs,
                 "labkit s": statistics.median(ours), "raw lmdeploy s": raw_median,
                 "overhead %": (ratio - 1) * 100, "noise % (IQR of pairs)": (q3 - q1) * 100,
                 "labkit work per call µs": wrapper * 1e6,
-                "labkit work %": wrapper / raw_median * 100}
+                "labkit work %": wrapper / raw_median * 100, "noise bound %": noise_bound}
     finally:
         if own:
             eng.close()
