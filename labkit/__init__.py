@@ -10,9 +10,6 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {
-    "config", "doctor", "gpu", "models", "generate", "evidence", "notebook", "cli",
-}
 # Shortcuts used by the notebooks: name -> (module, attribute).
 _SHORTCUTS = {
     "setup": ("notebook", "setup"),
@@ -27,7 +24,7 @@ def __getattr__(name: str) -> Any:
     if name in _SHORTCUTS:
         mod, attr = _SHORTCUTS[name]
         return getattr(importlib.import_module(f"labkit.{mod}"), attr)
-    if name in _SUBMODULES or importlib.util.find_spec(f"labkit.{name}") is not None:
+    if importlib.util.find_spec(f"labkit.{name}") is not None:  # labkit.doctor, labkit.serve, ...
         return importlib.import_module(f"labkit.{name}")
     raise AttributeError(f"module 'labkit' has no attribute {name!r}")
 

@@ -266,11 +266,8 @@ atexit.register(close_all)
 
 
 def _explain(err: Exception, model_dir: Path, ratio: float) -> str:
+    from labkit.diagnose import diagnose
+
     text = f"{type(err).__name__}: {err}"
-    low = text.lower()
-    if "out of memory" in low or "no enough gpu memory" in low:
-        return (f"{model_dir.name} does not fit on this GPU ({text[:200]}). Lower cache_ratio (now {ratio}), "
-                f"use the AWQ model (lab 03), close other engines/servers, or pick a smaller model")
-    if "not supported" in low or "unsupported" in low:
-        return f"lmdeploy cannot run {model_dir.name}: {text[:300]}"
-    return f"the engine for {model_dir.name} failed to start: {text[:500]}"
+    cause = diagnose(text, model_dir=model_dir, ratio=ratio, unknown="not recognised: see the error text")
+    return f"the engine for {model_dir.name} failed to start: {text[:300]} (likely cause: {cause})"

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from labkit import config
+from labkit.diagnose import diagnose  # noqa: F401  (labkit.serve.diagnose is public)
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 STOP_GRACE_S = 8.0          # SIGTERM, then SIGKILL after this long (lmdeploy needs ~3 s)
@@ -699,35 +700,6 @@ def _tail_lines(path: Path, n: int) -> list[str]:
     return [ln + "\n" for ln in data.split("\n") if ln.strip()][-n:]
 
 
-_CAUSES = [
-    (("out of memory", "outofmemoryerror", "no enough gpu memory", "not enough gpu memory", "cuda error: out of"),
-     "out of GPU memory: lower cache_ratio (now {ratio}), use the AWQ model (lab 03) or a smaller one, or stop "
-     "other servers and engines (`labkit servers --stop`)"),
-    (("address already in use", "errno 98", "error while attempting to bind"),
-     "port {port} is busy: another server took it (`labkit servers`); leave port=None for a free one"),
-    (("found no nvidia driver", "no cuda gpus are available", "cuda is not available", "torch not compiled with cuda",
-      "no cuda-capable device", "cuda driver version is insufficient", "nvidia-smi has failed"),
-     "no usable CUDA GPU here: lmdeploy's api_server needs one (see 00_setup / `labkit doctor`)"),
-    (("is not in the parser list",),
-     "unknown --tool-call-parser: use one of labkit.tools.PARSERS"),
-    (("unrecognized arguments", "error: argument", "invalid choice"),
-     "lmdeploy rejected a command-line option: check extra_args against `lmdeploy serve api_server --help`"),
-    (("no such file or directory", "does not appear to have a file", "is not a local folder", "repository not found",
-      "can't load", "could not locate", "does not exist"),
-     "lmdeploy could not read the model in {model_dir}: check the folder (labkit.resolve) or re-download it"),
-    (("not supported", "unsupported", "is not registered", "not implemented for", "unknown architecture"),
-     "lmdeploy cannot run this model with this backend: try backend='pytorch', or a model from the catalogue"),
-]
-
-
-def diagnose(log_text: str, port: int | None = None, model_dir: Path | str | None = None,
-             ratio: float | None = None) -> str:
-    """The likely cause of a failed start, from the server's log text."""
-    low = log_text.lower()
-    for needles, cause in _CAUSES:
-        if any(n in low for n in needles):
-            return cause.format(port=port, model_dir=model_dir, ratio=ratio)
-    return "not recognised: read the last lines below"
 
 
 # ----------------------------------------------------------------------------- GPU memory

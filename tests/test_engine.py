@@ -47,3 +47,10 @@ def test_no_gpu_error_is_one_clear_line():
 
 # On a GPU, notebooks/01_chat.ipynb exercises a real Engine (generate, batch, stream, close and the memory
 # coming back); the GPU suite starts it there once rather than again here.
+
+
+def test_start_failure_names_the_likely_cause():
+    from pathlib import Path
+
+    msg = engine._explain(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), Path("/m/tiny"), 0.8)
+    assert "\n" not in msg and "likely cause: out of GPU memory: lower cache_ratio (now 0.8)" in msg
