@@ -141,11 +141,14 @@ def build_app(api: Any, title: str = "LMDeploy Lab chat", vision: bool = False):
 
     base, _key = openai_base(api)
 
+    def fail(message: str) -> Exception:  # shown in the UI; the message says what to do, so no traceback
+        return gr.Error(message, print_exception=False)
+
     def models_or_error() -> list[str]:
         try:
             return list_models(api)
         except Exception as err:  # the server is down or the URL is wrong: say so in the UI
-            raise gr.Error(f"cannot reach {base}/models ({type(err).__name__}): start the api_server "
+            raise fail(f"cannot reach {base}/models ({type(err).__name__}): start the api_server "
                            f"or fix --api") from None
 
     def refresh():
@@ -154,7 +157,7 @@ def build_app(api: Any, title: str = "LMDeploy Lab chat", vision: bool = False):
 
     def _reply(history, model, system, max_new_tokens, top_p, top_k, temperature):
         if not model:
-            raise gr.Error("pick a model first (the list comes from /v1/models)")
+            raise fail("pick a model first (the list comes from /v1/models)")
         messages = build_messages(history, None, system)
         history = history + [{"role": "assistant", "content": ""}]
         try:
@@ -164,7 +167,7 @@ def build_app(api: Any, title: str = "LMDeploy Lab chat", vision: bool = False):
         except gr.Error:
             raise
         except Exception as err:
-            raise gr.Error(f"the server at {base} failed: {type(err).__name__}: {str(err)[:200]}") from None
+            raise fail(f"the server at {base} failed: {type(err).__name__}: {str(err)[:200]}") from None
         yield history
 
     def chat(message, history, model, system, max_new_tokens, top_p, top_k, temperature):
@@ -174,9 +177,9 @@ def build_app(api: Any, title: str = "LMDeploy Lab chat", vision: bool = False):
             try:
                 message = check_upload(message)
             except ImageError as err:
-                raise gr.Error(str(err)) from None
+                raise fail(str(err)) from None
         if not message or isinstance(message, str) and not message.strip():
-            raise gr.Error("type a message first")
+            raise fail("type a message first")
         history = (history or []) + [{"role": "user", "content": message}]
         for h in _reply(history, model, system, max_new_tokens, top_p, top_k, temperature):
             yield "", h
@@ -186,7 +189,7 @@ def build_app(api: Any, title: str = "LMDeploy Lab chat", vision: bool = False):
         while history and history[-1]["role"] == "assistant":
             history.pop()
         if not history:
-            raise gr.Error("nothing to retry yet")
+            raise fail("nothing to retry yet")
         yield from _reply(history, model, system, max_new_tokens, top_p, top_k, temperature)
 
     def undo(history):

@@ -10,6 +10,18 @@
 #    and this script installs it with --target so the runner's torch stays in charge.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# By default every notebook and every test marked `gpu`; CPU-only unit tests run in CI (make test).
+# `--part 1` / `--part 2` split it in two halves of about 4 and 6 minutes (for a runner that allows
+# 10 minutes a command); or name test files / notebooks (and pytest options) yourself.
+case "${1:-}" in
+  "") set -- notebooks tests -m "gpu or notebook" ;;
+  --part)
+    case "${2:-}" in
+      1) set -- notebooks/0[0-3]_*.ipynb ;;
+      2) set -- notebooks/0[4-9]_*.ipynb tests -m "gpu or notebook" ;;
+      *) echo "--part takes 1 or 2, not '${2:-}'" >&2; exit 2 ;;
+    esac ;;
+esac
 export LABKIT_REPORT_DIR="${LABKIT_REPORT_DIR:-${OUT:-artifacts/gpu-suite}}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$LABKIT_REPORT_DIR"
@@ -33,9 +45,6 @@ else
   export PATH="$PWD/.venv/bin:$PATH"
 fi
 $PY -m labkit.cli doctor --offline
-# By default every notebook and every test marked `gpu`; CPU-only unit tests run in CI (make test).
-# Name test files / notebooks (and pytest options) to run a part.
-[ $# -eq 0 ] && set -- notebooks tests -m "gpu or notebook"
 # SIGINT at the limit lets pytest still print and write its summary (the runner allows 10 minutes a command).
 timeout -s INT "${SUITE_TIMEOUT:-570}" $PY -m pytest --durations=40 --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
   -p no:cacheprovider -rA "$@" 2>&1 | tee "$LABKIT_REPORT_DIR/pytest.log"
