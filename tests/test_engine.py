@@ -54,3 +54,30 @@ def test_start_failure_names_the_likely_cause():
 
     msg = engine._explain(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), Path("/m/tiny"), 0.8)
     assert "\n" not in msg and "likely cause: out of GPU memory: lower cache_ratio (now 0.8)" in msg
+
+
+@pytest.mark.gpu
+def test_a_gpu_too_full_for_the_model_is_refused_before_anything_loads():
+    """A real GPU filled up to 0.5 GiB free: Engine and Server refuse with the numbers and what to do,
+    before lmdeploy loads anything or a server process starts."""
+    import torch
+
+    from labkit import serve
+    from labkit.gpu import GiB, NoGPUError, memory_used
+
+    torch.cuda.init()
+    free, _total = torch.cuda.mem_get_info()
+    ballast = torch.empty(free - GiB // 2, dtype=torch.uint8, device="cuda")
+    try:
+        held = memory_used()
+        name = "test-too-full"
+        for make in (lambda: engine.Engine("generated:tiny-chat", name=name),
+                     lambda: serve.Server("generated:tiny-chat", name=name, show=False)):
+            with pytest.raises(NoGPUError, match=r"needs about 1\.0 GiB free on the GPU, but .* has 0\.\d GiB free"
+                                                 r".*stop other engines or servers"):
+                make()
+        assert memory_used() < held + 64 * 2**20, "something was loaded after all"
+        assert not [e for e in serve.servers() if e["name"] == name], "a server process was started"
+    finally:
+        del ballast
+        torch.cuda.empty_cache()
