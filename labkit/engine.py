@@ -98,9 +98,10 @@ CHAT_RESET_WORD = "end"
 
 
 def check_options(cache_ratio: float = 0.8, quant_policy: int = 0, session_len: int | None = None,
-                  tp: int = 1) -> None:
-    """Check engine options before anything loads (engine_config and labkit.serve use it)."""
-    kvcache.check_ratio(cache_ratio)
+                  tp: int = 1, backend: str | None = None) -> None:
+    """Check engine options before anything loads (engine_config and labkit.serve use it); with the
+    chosen `backend`, also what that backend needs."""
+    kvcache.check_ratio(cache_ratio, backend)
     kvcache.check_policy(quant_policy)
     if session_len is not None and (not isinstance(session_len, int) or session_len < 16):
         raise EngineError(f"session_len must be a whole number of tokens >= 16 (or None for the model's), "
@@ -113,19 +114,20 @@ def engine_config(backend: str, cache_ratio: float = 0.8, quant_policy: int = 0,
                   tp: int = 1, max_batch_size: int | None = None, eager: bool | None = None,
                   model_format: str | None = None):
     """An lmdeploy TurbomindEngineConfig / PytorchEngineConfig from checked, friendly options."""
-    check_options(cache_ratio, quant_policy, session_len, tp)
-    if backend == "pytorch" and cache_ratio >= 1:
-        raise EngineError("the PyTorch engine needs cache_ratio below 1 (it keeps some memory for its own "
-                          "work): use e.g. 0.9")
+    check_options(cache_ratio, quant_policy, session_len, tp, backend)
     from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
 
     common = dict(cache_max_entry_count=cache_ratio, quant_policy=quant_policy, session_len=session_len,
                   tp=tp, max_batch_size=max_batch_size, model_format=model_format)
     if backend == "turbomind":
         return TurbomindEngineConfig(**common)
-    if eager is None:  # CUDA-graph capture costs start time; tests start many small engines
-        eager = config.profile() == "test"
-    return PytorchEngineConfig(eager_mode=eager, **common)
+    return PytorchEngineConfig(eager_mode=default_eager() if eager is None else eager, **common)
+
+
+def default_eager() -> bool:
+    """Eager mode (no CUDA-graph capture) in the test profile: capture costs start time, and tests start
+    many small engines. Students get CUDA graphs."""
+    return config.profile() == "test"
 
 
 def check_gen(max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.8, top_k: int = 40,

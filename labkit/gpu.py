@@ -86,6 +86,30 @@ def memory_free(index: int = 0) -> int:
     return nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(index)).free
 
 
+def memory_used_or_none(index: int = 0) -> int | None:
+    """Bytes in use on GPU `index`, or None on a machine without an NVIDIA driver."""
+    return memory_used(index) if _nvml() is not None else None
+
+
+def process_memory(pids: set[int]) -> int | None:
+    """Bytes of GPU memory that processes `pids` hold on any GPU; None where NVML cannot attribute it
+    (no driver, or process ids that NVML reports from another PID namespace)."""
+    nv = _nvml()
+    if nv is None:
+        return None
+    total, seen = 0, False
+    for i in range(nv.nvmlDeviceGetCount()):
+        try:
+            procs = nv.nvmlDeviceGetComputeRunningProcesses(nv.nvmlDeviceGetHandleByIndex(i))
+        except Exception:
+            return None
+        for p in procs:
+            if p.pid in pids and p.usedGpuMemory is not None:
+                total += p.usedGpuMemory
+                seen = True
+    return total if seen else None
+
+
 def has_cuda() -> bool:
     """True when an NVIDIA GPU is visible and torch can use it (what lmdeploy needs)."""
     if not gpus():
