@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import os
 import re
 import shutil
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 
-from labkit import config
+from labkit import config, models
+from labkit.evidence import version
 from labkit.gpu import gpus
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -42,7 +41,12 @@ class Report:
     @property
     def ready(self) -> bool:
         """True when nothing failed (warnings allowed)."""
-        return all(r.status != FAIL for r in self.rows)
+        return not self.failures
+
+    @property
+    def failures(self) -> list[Row]:
+        """The rows whose check failed."""
+        return [r for r in self.rows if r.status == FAIL]
 
     def get(self, check: str) -> Row:
         """The row named `check`."""
@@ -51,12 +55,6 @@ class Report:
     def as_dict(self) -> dict:
         """Plain data, for `--json` and evidence."""
         return {"ready": self.ready, "seconds": round(self.seconds, 2), "rows": [asdict(r) for r in self.rows]}
-
-    def to_frame(self):
-        """The table as a pandas DataFrame."""
-        import pandas as pd
-
-        return pd.DataFrame([asdict(r) for r in self.rows])
 
     def __str__(self) -> str:
         w = max(len(r.check) for r in self.rows)
@@ -82,13 +80,6 @@ class Report:
         verdict = "READY" if self.ready else "NOT READY"
         return (f"<table><tr><th>check</th><th>status</th><th>value</th><th>fix</th></tr>{rows}</table>"
                 f"<p><b>{verdict}</b> ({self.seconds:.1f} s)</p>")
-
-
-def _version(pkg: str) -> str | None:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _torch_build() -> tuple[str | None, str | None]:
@@ -155,16 +146,15 @@ def verdict(report: Report) -> bool:
         print("READY: every lab can run here." + (f" Warnings (fine to go on): {', '.join(warns)}." if warns else ""))
     else:
         print("NOT READY for the GPU labs:")
-        for r in report.rows:
-            if r.status == FAIL:
-                print(f"  - {r.check}: {r.value}\n    fix: {r.fix}")
+        for r in report.failures:
+            print(f"  - {r.check}: {r.value}\n    fix: {r.fix}")
         print("CPU cells of every lab still run, on a generated model.")
     return report.ready
 
 
 def hubs() -> dict[str, str]:
     """The model hubs labkit may download from (HF_ENDPOINT honoured)."""
-    return {"Hugging Face": os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
+    return {"Hugging Face": models.hf_endpoint(),
             "ModelScope": "https://www.modelscope.cn"}
 
 
@@ -211,7 +201,7 @@ def doctor(check_hubs: bool = True) -> Report:
                         f"the driver supports CUDA {found[0].cuda_driver if found else '?'}: "
                         f"update the driver or install a torch built for an older CUDA"))
 
-    lv = _version("lmdeploy")
+    lv = version("lmdeploy")
     rows.append(Row("lmdeploy", OK if lv == "0.18.0" else WARN if lv else FAIL,
                     lv or "not installed",
                     "the labs are written for lmdeploy 0.18.0: run `make lab` to install the pinned stack"))
@@ -229,10 +219,10 @@ def doctor(check_hubs: bool = True) -> Report:
     for pkg, want, fix in [("ipywidgets", "8.", "make lab installs ipywidgets 8 (lab 06 needs it)"),
                            ("openai", "2.", "make lab installs openai 2.x (lmdeploy 0.18 needs >= 2.45)"),
                            ("jupyterlab", "4.", "make lab installs JupyterLab 4")]:
-        v = _version(pkg)
+        v = version(pkg)
         rows.append(Row(pkg, OK if v and v.startswith(want) else WARN, v or "not installed", fix))
 
-    for label, path in [("disk labkit home", config.home()), ("disk hub cache", _hf_home())]:
+    for label, path in [("disk labkit home", config.home()), ("disk hub cache", models.hub_cache_dir())]:
         probe = path
         while not probe.exists():
             probe = probe.parent
@@ -250,8 +240,3 @@ def doctor(check_hubs: bool = True) -> Report:
                         "downloads will fail: use the course's shared folder (LABKIT_SHARE), set "
                         "HF_ENDPOINT to a mirror, LABKIT_HUB=modelscope, or LABKIT_MODEL=generated:tiny-chat"))
     return Report(rows, time.perf_counter() - start)
-
-
-def _hf_home() -> Path:
-    return Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" /
-                                                                        "huggingface")) / "hub")

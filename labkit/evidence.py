@@ -47,15 +47,17 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def version(pkg: str) -> str | None:
+    """The installed version of `pkg` (read from its metadata, no import), or None if it is not installed."""
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def versions(packages: tuple[str, ...] = ("lmdeploy", "torch", "transformers")) -> dict[str, str | None]:
     """Installed versions of `packages` (None where missing), for evidence and benchmark reports."""
-    out: dict[str, str | None] = {}
-    for pkg in packages:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return {pkg: version(pkg) for pkg in packages}
 
 
 def _environment() -> dict[str, Any]:

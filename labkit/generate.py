@@ -175,19 +175,33 @@ def train_tokenizer(vocab_size: int, out_dir: Path):
                                    bos_token=None, unk_token=None, model_max_length=32768)
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
-    # Older loaders look for the template in tokenizer_config.json: keep it there too.
+    template_in_tokenizer_config(out_dir, CHAT_TEMPLATE, tokenizer_class="PreTrainedTokenizerFast")
+    return fast
+
+
+def template_in_tokenizer_config(out_dir: Path, template: str, tokenizer_class: str | None = None) -> None:
+    """Keep the chat template in tokenizer_config.json too (older loaders look for it there)."""
     cfg_path = out_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg.setdefault("chat_template", CHAT_TEMPLATE)
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg.setdefault("chat_template", template)
+    if tokenizer_class is not None:
+        cfg["tokenizer_class"] = tokenizer_class
     cfg_path.write_text(json.dumps(cfg, indent=1, ensure_ascii=False))
-    return fast
+
+
+def save_generation_config(out_dir: Path, tok) -> None:
+    """Write generation_config.json: stop at <|im_end|> or <|endoftext|>, Qwen2.5's sampling defaults."""
+    from transformers import GenerationConfig
+
+    end, im_end = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    GenerationConfig(bos_token_id=end, eos_token_id=[im_end, end], pad_token_id=end, do_sample=True,
+                     temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05).save_pretrained(out_dir)
 
 
 def build_chat_model(spec: Spec, out_dir: Path) -> None:
     """Write a Qwen2 model of shape `spec` with seeded random bf16 weights to `out_dir`."""
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = train_tokenizer(spec.vocab, out_dir)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -207,7 +221,5 @@ def build_chat_model(spec: Spec, out_dir: Path) -> None:
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
     model.config.dtype = "bfloat16"
     model.save_pretrained(out_dir)
-    GenerationConfig(bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-                     pad_token_id=ids["<|endoftext|>"], do_sample=True, temperature=0.7, top_p=0.8,
-                     top_k=20, repetition_penalty=1.05).save_pretrained(out_dir)
+    save_generation_config(out_dir, tok)
     del model

@@ -14,6 +14,7 @@ from pathlib import Path
 from labkit import config
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
+HF_ENDPOINT = "https://huggingface.co"  # Hugging Face's own hub; the HF_ENDPOINT variable picks a mirror
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def _resolve(name: str, download: bool) -> Path:
     cached = _from_hf_cache(hub_id)
     if cached is not None:
         return cached
-    tried.append(f"Hugging Face cache ({_hf_cache_dir()}): no complete snapshot of {hub_id}")
+    tried.append(f"Hugging Face cache ({hub_cache_dir()}): no complete snapshot of {hub_id}")
     if download:
         try:
             return _download(entry, hub_id)
@@ -185,10 +186,16 @@ def _resolve(name: str, download: bool) -> Path:
         "LABKIT_MODEL=generated:tiny-chat to run the lab on a small generated model.")
 
 
-def _hf_cache_dir() -> str:
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache that downloads go to (huggingface_hub's HF_HUB_CACHE)."""
     from huggingface_hub import constants
 
-    return constants.HF_HUB_CACHE
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hf_endpoint() -> str:
+    """The Hugging Face hub labkit downloads from: HF_ENDPOINT if set, else huggingface.co."""
+    return os.environ.get("HF_ENDPOINT", HF_ENDPOINT).rstrip("/")
 
 
 def _from_hf_cache(hub_id: str) -> Path | None:
@@ -210,7 +217,6 @@ def _download(entry: CourseModel | None, hub_id: str) -> Path:
     else:
         from huggingface_hub import snapshot_download
 
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-        print(f"Downloading {hub_id} from {endpoint} (set HF_ENDPOINT for a mirror) ...")
+        print(f"Downloading {hub_id} from {hf_endpoint()} (set HF_ENDPOINT for a mirror) ...")
         path = Path(snapshot_download(hub_id, etag_timeout=5))
     return check_model_dir(path)

@@ -6,7 +6,6 @@ where there is no GPU). On a CPU machine a `%%gpu` cell prints one line and Run 
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
 
 from labkit import config, evidence
 from labkit.gpu import NO_GPU_HINT, gpus, has_cuda
@@ -14,18 +13,6 @@ from labkit.gpu import NO_GPU_HINT, gpus, has_cuda
 
 class LabCheckFailed(AssertionError):
     """A lab's closing check failed; the message says what was expected and what to try."""
-
-
-@dataclass
-class CheckResult:
-    """One check a lab made."""
-
-    what: str
-    passed: bool
-    detail: str
-
-
-_results: list[CheckResult] = []
 
 
 def setup(lab: str) -> None:
@@ -39,12 +26,7 @@ def setup(lab: str) -> None:
         shell = None
     if shell is not None:
         register_magics(shell)
-    from importlib import metadata
-
-    try:
-        lmd = metadata.version("lmdeploy")
-    except metadata.PackageNotFoundError:
-        lmd = "not installed (run `make lab`)"
+    lmd = evidence.version("lmdeploy") or "not installed (run `make lab`)"
     found = gpus()
     if found and has_cuda():
         g = found[0]
@@ -85,16 +67,7 @@ def register_magics(shell) -> None:
 
 def check(what: str, passed: bool, detail: str = "", fix: str = "") -> None:
     """A lab check: prints a pass line, or raises LabCheckFailed with what to try."""
-    result = CheckResult(what, bool(passed), detail)
-    _results.append(result)
-    if not result.passed:
+    if not passed:
         msg = f"FAILED: {what}" + (f" ({detail})" if detail else "") + (f"\nWhat to try: {fix}" if fix else "")
         raise LabCheckFailed(msg)
     print(f"ok   {what}" + (f"  ({detail})" if detail else ""))
-
-
-def checks_table():
-    """Every check this kernel has made, as a table."""
-    import pandas as pd
-
-    return pd.DataFrame([r.__dict__ for r in _results], columns=["what", "passed", "detail"])

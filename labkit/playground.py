@@ -93,11 +93,19 @@ class Playground:
         if not text:
             self.stats.value = "type a prompt first"
             return ""
+        typed = self.prompt.value
         self.history.append({"role": "user", "content": text})
         self.prompt.value = ""
-        return self._reply()
+        try:
+            return self._reply()
+        except BaseException:  # an error or an interrupt: keep the conversation as it was, give the text back
+            self.history.pop()
+            self.prompt.value = typed
+            self._render()
+            raise
 
     def _reply(self) -> str:
+        """Stream a reply to the conversation and append it; on an error, say so and raise (callers undo)."""
         parts: list[str] = []
         tokens, reason = 0, None
         start = time.perf_counter()
@@ -111,9 +119,7 @@ class Playground:
                     self._render("".join(parts))
                     last_draw = time.perf_counter()
         except Exception as err:
-            self.history.pop()  # keep the conversation as it was
             self.stats.value = f"error: {err}"
-            self._render()
             raise
         reply = "".join(parts)
         seconds = time.perf_counter() - start
@@ -124,12 +130,17 @@ class Playground:
         return reply
 
     def retry(self) -> str:
-        """Drop the last reply and generate it again."""
+        """Drop the last reply and generate it again (the old one comes back if that fails)."""
         if not self.history or self.history[-1]["role"] != "assistant":
             self.stats.value = "nothing to retry"
             return ""
-        self.history.pop()
-        return self._reply()
+        removed = self.history.pop()
+        try:
+            return self._reply()
+        except BaseException:  # an error or an interrupt: put the old reply back
+            self.history.append(removed)
+            self._render()
+            raise
 
     def undo(self) -> None:
         """Remove the last exchange (your message and the reply)."""

@@ -161,12 +161,11 @@ def resize_longest(img: "Image", n: int) -> "Image":
     if not isinstance(n, int) or n < 1:
         raise ImageError(f"the longest side must be a whole number of pixels >= 1, not {n!r}")
     img = load(img)
-    w, h = img.size
-    if max(w, h) <= n:
+    size = _scaled(img.size, n)
+    if size == img.size:
         return img.copy()
-    scale = n / max(w, h)
     Image, _ = _pil()
-    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+    return img.resize(size, Image.Resampling.BICUBIC)
 
 
 def show(images: dict[str, Any], height: float = 2.2) -> None:
@@ -404,10 +403,7 @@ PARTS = (("vision tower", ("vision_tower", "vision_model")),
 
 
 def _part(name: str) -> str:
-    for part, keys in PARTS:
-        if any(k in name for k in keys):
-            return part
-    return "language model"
+    return next(part for part, keys in PARTS if any(k in name for k in keys))  # "" matches every name
 
 
 def weights_by_part(model_dir: str | Path):
@@ -551,9 +547,8 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 def build_tiny_vl(out_dir: Path) -> None:
     """Write generated:tiny-vl (an HF-layout InternVL with seeded random bf16 weights) to `out_dir`."""
     import torch
-    from transformers import (GenerationConfig, GotOcr2ImageProcessor, InternVLConfig,
-                              InternVLForConditionalGeneration, InternVLProcessor, InternVLVideoProcessor,
-                              PreTrainedTokenizerFast)
+    from transformers import (GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration,
+                              InternVLProcessor, InternVLVideoProcessor, PreTrainedTokenizerFast)
 
     text, vision = TINY_VL["text"], TINY_VL["vision"]
     # The image tokens take the last 4 ids of the vocabulary.
@@ -585,14 +580,8 @@ def build_tiny_vl(out_dir: Path) -> None:
         video_processor=InternVLVideoProcessor(size=tile, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD),
         tokenizer=tok, image_seq_length=256, chat_template=template)
     processor.save_pretrained(out_dir)
-    # Older loaders read the template from tokenizer_config.json.
-    cfg_path = out_dir / "tokenizer_config.json"
-    tok_cfg = json.loads(cfg_path.read_text())
-    tok_cfg.setdefault("chat_template", template)
-    cfg_path.write_text(json.dumps(tok_cfg, indent=1, ensure_ascii=False))
-    GenerationConfig(bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-                     pad_token_id=ids["<|endoftext|>"], do_sample=True, temperature=0.7, top_p=0.8,
-                     top_k=20, repetition_penalty=1.05).save_pretrained(out_dir)
+    generate.template_in_tokenizer_config(out_dir, template)  # keeps the tokenizer_class the processor wrote
+    generate.save_generation_config(out_dir, tok)
     del model
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from labkit import evidence, generate, models
 from labkit.models import ModelNotFoundError
+from helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +43,7 @@ def test_doctor_offline_is_fast_and_complete():
         if r.status != OK:
             assert r.fix, r
     assert report.ready == all(r.status != FAIL for r in report.rows)
+    assert report.failures == [r for r in report.rows if r.status == FAIL]
 
 
 def test_doctor_cli_json():
@@ -50,6 +52,37 @@ def test_doctor_cli_json():
     data = json.loads(out)
     assert {"ready", "rows", "seconds"} <= set(data)
     assert any(r["check"] == "gpu" for r in data["rows"])
+
+
+def test_doctor_checks_the_hub_cache_downloads_go_to(tmp_path):
+    """The doctor's disk row names huggingface_hub's own cache (it honours XDG_CACHE_HOME, for one)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    code = ("import json; from labkit import doctor, models; r = doctor.doctor(check_hubs=False); "
+            "print(json.dumps([str(models.hub_cache_dir()), r.get('disk hub cache').value]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    cache, row = json.loads(out)
+    assert cache == str(tmp_path / "huggingface" / "hub")
+    assert row.endswith(f" at {cache}"), row
+
+
+def test_doctor_lists_its_failures_and_how_to_fix_them(capsys):
+    from labkit.doctor import FAIL, OK, Report, Row, verdict
+
+    bad = Row("gpu", FAIL, "no NVIDIA GPU visible", "use a GPU machine")
+    report = Report([Row("python", OK, "3.11"), bad])
+    assert report.failures == [bad] and not report.ready
+    assert verdict(report) is False
+    out = capsys.readouterr().out
+    assert "NOT READY" in out and "gpu: no NVIDIA GPU visible" in out and "fix: use a GPU machine" in out
+    assert "python" not in out
+    assert Report([Row("python", OK, "3.11")]).failures == []
+
+
+def test_installed_versions():
+    assert evidence.version("lmdeploy") == "0.18.0" == evidence.versions()["lmdeploy"]
+    assert evidence.version("no-such-package-labkit") is None
+    assert evidence.versions(("no-such-package-labkit",)) == {"no-such-package-labkit": None}
 
 
 def test_resolve_missing_path_says_what_to_do(tmp_path):
@@ -226,3 +259,33 @@ def test_doctor_does_not_wait_for_a_hub_that_never_answers(monkeypatch):
     row = report.get("hub Hugging Face")
     assert row.status == WARN and "no answer" in row.value, row
     assert took < 5, f"doctor took {took:.1f} s"
+
+
+def test_playground_keeps_the_conversation_when_the_engine_fails():
+    """A failed Send keeps the typed text and drops only its question; a failed Retry puts the old reply back."""
+    from labkit.baseline import HFEngine
+    from labkit.engine import EngineError
+    from labkit.playground import Playground
+
+    eng = HFEngine(TINY, device="cpu", name="test-playground")
+    try:
+        pg = Playground(eng)
+        pg.max_new_tokens.value = 4
+        pg.seed.value = 7
+        pg.prompt.value = "Hello there"
+        reply = pg.send()
+        assert pg.history == [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": reply}]
+        assert pg.prompt.value == "" and "finish_reason" in pg.stats.value
+    finally:
+        eng.close()  # a real failure: a closed engine refuses to generate
+    before = list(pg.history)
+    with pytest.raises(EngineError, match="is closed"):
+        pg.retry()
+    assert pg.history == before, "a failed Retry must keep the exchange"
+    assert "error" in pg.stats.value and "is closed" in pg.stats.value
+    pg.prompt.value = "  And then?  "
+    with pytest.raises(EngineError, match="is closed"):
+        pg.send()
+    assert pg.history == before, "a failed Send must drop only its own question"
+    assert pg.prompt.value == "  And then?  ", "a failed Send must give the typed text back"
+    assert "Hello there" in pg.chat.value and "And then?" not in pg.chat.value

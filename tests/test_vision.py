@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from labkit import models, vision
+from labkit.serve import free_port
 from labkit.vision import ImageError, ImageTooLargeError
 
 SIZES = [(256, 256), (512, 512), (800, 200), (3840, 2160), (4000, 3000), (448, 336), (448, 252), (896, 896),
@@ -213,10 +214,9 @@ def test_token_cost_for_opengvlab_internvl_layout_matches_lmdeploy(tmp_path):
         assert vision.token_cost(tmp_path, (w, h)) == 256 * n
 
 
-def test_token_cost_says_which_models_it_knows(tmp_path):
-    chat = models.resolve("generated:tiny-chat")
+def test_token_cost_says_which_models_it_knows(tmp_path, tiny_dir):
     with pytest.raises(ImageError, match="predicts image tokens for InternVL models.*Qwen2ForCausalLM"):
-        vision.token_cost(chat, (256, 256))
+        vision.token_cost(tiny_dir, (256, 256))
     with pytest.raises(ImageError, match="no config.json"):
         vision.token_cost(tmp_path, (256, 256))
 
@@ -325,14 +325,8 @@ def test_missing_folder_empty_image_and_wrong_type(tmp_path):
         vision.load("data:image/png,abc")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_url_on_a_closed_port_fails_fast_and_clearly():
-    port = _free_port()
+    port = free_port()
     with pytest.raises(ImageError, match=rf"could not fetch http://127.0.0.1:{port}/x.png \(ConnectionError\)"):
         vision.load(f"http://127.0.0.1:{port}/x.png", timeout=2)
 
@@ -458,8 +452,8 @@ def test_webui_for_a_vision_model_refuses_a_bad_upload_in_the_browser_api(sample
         ui.close()
 
 
-def test_is_vision_model(tiny_vl):
-    assert vision.is_vision_model(tiny_vl) and not vision.is_vision_model(models.resolve("generated:tiny-chat"))
+def test_is_vision_model(tiny_vl, tiny_dir):
+    assert vision.is_vision_model(tiny_vl) and not vision.is_vision_model(tiny_dir)
 
 
 class _OpenAIStandIn(BaseHTTPRequestHandler):
