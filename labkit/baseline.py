@@ -44,20 +44,20 @@ class HFEngine:
         from labkit.gpu import has_cuda
 
         self.device = device or ("cuda" if has_cuda() else "cpu")
+        close_baseline(name)  # re-running the cell that built it replaces it (and frees its memory) before the check
         if self.device.startswith("cuda"):
+            from labkit.engine import _init_cuda_context
             from labkit.gpu import GiB, require_gpu
             from labkit.kvcache import weights_bytes
 
             require_gpu(min_free_gib=weights_bytes(self.model_dir) / GiB + 0.5,
                         what=f"loading {self.model_dir.name} with transformers")
+            _init_cuda_context(self.device)  # the CUDA context never goes back: count it before, not as ours
         self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        close_baseline(name)  # re-running the cell that built it replaces it instead of doubling memory
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        if self.device.startswith("cuda"):
-            torch.empty(1, device=self.device)  # the CUDA context never goes back: count it before, not as ours
-        self.memory_before = _memory()
+        self.memory_before = _memory(self.device)
         start = time.perf_counter()
         remote = needs_remote_code(self.model_dir)
         bar = hf_logging.is_progress_bar_enabled()
@@ -75,7 +75,7 @@ class HFEngine:
             if bar:
                 hf_logging.enable_progress_bar()
         self.load_seconds = time.perf_counter() - start
-        self.memory_after = _memory()
+        self.memory_after = _memory(self.device)
         gen = self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
@@ -211,10 +211,11 @@ def close_baseline(name: str) -> bool:
     return replace_earlier(_live, name, "baseline")
 
 
-def _memory() -> int:
-    from labkit.gpu import gpus, memory_used
+def _memory(device: str) -> int:
+    """GPU bytes in use (NVML) for a model on `device`; 0 on CPU, where the model takes no GPU memory."""
+    from labkit.gpu import memory_used_or_none
 
-    return memory_used() if gpus() else 0
+    return (memory_used_or_none() or 0) if device.startswith("cuda") else 0
 
 
 def _counting_streamer(tokenizer):

@@ -344,6 +344,20 @@ def markdown(table) -> str:
     return "\n".join(lines)
 
 
+def report_header(script: str, argv: list[str] | None, gpu_name: str, model: str, model_dir: str | Path,
+                  setup: str, seconds: float) -> tuple[str, str]:
+    """(a benchmark section's first line: GPU, model, setup, versions, time; the command line that ran it)."""
+    import shlex
+    import sys
+
+    from labkit.evidence import versions
+
+    installed = ", ".join(f"{pkg} {v or '-'}" for pkg, v in versions().items())
+    command = " ".join(["python", script, *(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))])
+    line = f"GPU: {gpu_name}; model `{model}` ({Path(model_dir).name}); {setup}; {installed}; {seconds:.0f} s in all."
+    return line, command
+
+
 def report(text: str, out: str | Path | None = None) -> str:
     """Print a benchmark's markdown section and, if `out` is given, write it there; return the text."""
     print("\n" + text)

@@ -13,10 +13,13 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from labkit import config, kvcache
 from labkit.gpu import GiB, memory_used, require_gpu, wait_for_memory_release
+
+if TYPE_CHECKING:
+    import pandas
 
 BACKENDS = ("auto", "turbomind", "pytorch")
 _live: dict[str, "Engine"] = {}
@@ -94,7 +97,6 @@ def chat_command(model_dir: str | Path, backend: str = "auto", session_len: int 
 # What `lmdeploy chat` (lmdeploy/cli/chat.py) understands: a prompt ends with an empty line
 # ("double enter"); `exit` quits, `end` clears the conversation, Ctrl-C quits too.
 CHAT_EXIT_WORD = "exit"
-CHAT_RESET_WORD = "end"
 
 
 def check_options(cache_ratio: float = 0.8, quant_policy: int = 0, session_len: int | None = None,
@@ -117,8 +119,9 @@ def engine_config(backend: str, cache_ratio: float = 0.8, quant_policy: int = 0,
     check_options(cache_ratio, quant_policy, session_len, tp, backend)
     from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
 
-    common = dict(cache_max_entry_count=cache_ratio, quant_policy=quant_policy, session_len=session_len,
-                  tp=tp, max_batch_size=max_batch_size, model_format=model_format)
+    options = dict(cache_max_entry_count=cache_ratio, quant_policy=quant_policy, session_len=session_len,
+                   tp=tp, max_batch_size=max_batch_size, model_format=model_format)
+    common = {k: v for k, v in options.items() if v is not None}  # None: lmdeploy's default (it refuses None)
     if backend == "turbomind":
         return TurbomindEngineConfig(**common)
     return PytorchEngineConfig(eager_mode=default_eager() if eager is None else eager, **common)
@@ -166,9 +169,9 @@ class Engine:
         check_backend(backend)
         self.name = name
         self.model_dir = resolve(str(model))
+        close_engine(name)  # re-running the cell that built it replaces it (and frees its memory) before the check
         weights = kvcache.weights_bytes(self.model_dir)
         require_gpu(min_free_gib=weights / GiB + 1.0, what=f"loading {self.model_dir.name}")
-        close_engine(name)  # re-running the cell that built it replaces it instead of doubling memory
         self.backend, self.backend_reason = choose_backend(self.model_dir, backend)
         self.config = engine_config(self.backend, cache_ratio, quant_policy, session_len, tp, max_batch_size,
                                     eager, model_format)
@@ -215,6 +218,29 @@ class Engine:
         self._check_open()
         yield from self.pipe.stream_infer(prompt, gen_config=gen_config(**gen))
 
+    def chat_turns(self, prompts: list, **gen: Any) -> "pandas.DataFrame":
+        """A multi-turn chat in one `pipe.chat` session (prompts: text or (text, image)), one row per turn."""
+        import pandas as pd
+
+        self._check_open()
+        cfg, session, rows = gen_config(**gen), None, []
+        try:
+            for turn, prompt in enumerate(prompts, 1):
+                session = self.pipe.chat(prompt, session=session, gen_config=cfg)
+                r = session.response
+                rows.append({"turn": turn, "prompt": prompt[0] if isinstance(prompt, tuple) else prompt,
+                             "reply": r.text, "input_token_len": r.input_token_len,
+                             "generate_token_len": r.generate_token_len})
+        finally:
+            if session is not None:
+                session.close()
+        for prev, row in zip(rows, rows[1:]):  # the earlier turns were sent again: history kept
+            row["history kept"] = row["input_token_len"] >= prev["input_token_len"] + prev["generate_token_len"]
+        if rows:
+            rows[0]["history kept"] = None
+        return pd.DataFrame(rows, columns=["turn", "prompt", "reply", "input_token_len", "generate_token_len",
+                                           "history kept"])
+
     def close(self) -> None:
         """Stop the engine and wait until its GPU memory is back."""
         if getattr(self, "closed", True):
@@ -245,10 +271,11 @@ class Engine:
         return f"Engine({self.model_dir.name}, {self.backend}, {state})"
 
 
-def _init_cuda_context() -> None:
+def _init_cuda_context(device: str = "cuda") -> None:
+    """Create the CUDA context on `device` now (it never goes back), so no engine counts it as its own."""
     import torch
 
-    torch.empty(1, device="cuda")
+    torch.empty(1, device=device)
 
 
 def close_engine(name: str) -> bool:

@@ -168,10 +168,6 @@ class MemoryWatcher:
             self.peak = max(self.peak, self.last)
         return self.last
 
-    def reset_peak(self) -> None:
-        """Start a new peak from the current reading."""
-        self.peak = self.sample()
-
     def stop(self) -> None:
         """Stop sampling."""
         self._stop.set()

@@ -8,8 +8,22 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas
 
 QUANT_POLICIES = {0: "fp16/bf16 KV", 4: "int4 KV", 8: "int8 KV"}
+
+
+def text_config(model_dir: str | Path) -> dict:
+    """A model's text config from config.json (a vision model's text_config / llm_config / language_config)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    for key in ("text_config", "llm_config", "language_config"):
+        sub = cfg.get(key)
+        if isinstance(sub, dict) and ("num_hidden_layers" in sub or "hidden_size" in sub):
+            return {**sub, "architectures": cfg.get("architectures")}  # the model's own class, not the text part's
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -25,10 +39,7 @@ class ModelShape:
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelShape":
         """Read the shape from `model_dir/config.json` (text config of a vision model too)."""
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-        for key in ("text_config", "llm_config"):
-            if isinstance(cfg.get(key), dict) and "num_hidden_layers" in cfg[key]:
-                cfg = cfg[key]
+        cfg = text_config(model_dir)
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         return cls(cfg["num_hidden_layers"], cfg.get("num_key_value_heads") or heads, head_dim,
@@ -54,23 +65,41 @@ def check_ratio(ratio: float, backend: str | None = None) -> float:
     return float(ratio)
 
 
-def bytes_per_token(shape: ModelShape, quant_policy: int = 0) -> float:
-    """KV-cache bytes one token takes over all layers (K and V; int4/int8 add a scale and zero)."""
-    check_policy(quant_policy)
-    per_head = shape.head_dim * shape.dtype_bytes if quant_policy == 0 else \
-        shape.head_dim * quant_policy / 8 + 2 * shape.dtype_bytes
-    return 2 * shape.layers * shape.kv_heads * per_head
+def bytes_per_token(shape: ModelShape, quant_policy: int = 0, block_size: int | None = None) -> float:
+    """KV-cache bytes one token takes over all layers: a block's bytes (lmdeploy's layout) / its tokens."""
+    size = effective_block_size(shape, block_size or BLOCK_SIZE)
+    return block_bytes(shape, quant_policy, size) / size
 
 
-def predict_tokens(shape: ModelShape, free_bytes: int, ratio: float, quant_policy: int = 0) -> int:
-    """Tokens the KV cache holds when the engine takes `ratio` of `free_bytes` (after weights)."""
-    return int(free_bytes * check_ratio(ratio) // bytes_per_token(shape, quant_policy))
+def per_token_table(model_or_shape: "str | Path | ModelShape") -> "pandas.DataFrame":
+    """KV bytes per token for each quant policy, and how many times fewer than fp16 (a table)."""
+    import pandas as pd
+
+    shape = model_or_shape if isinstance(model_or_shape, ModelShape) else ModelShape.from_dir(model_or_shape)
+    per_token = {p: bytes_per_token(shape, p) for p in QUANT_POLICIES}
+    return pd.DataFrame([{"quant_policy": p, "kv policy": f"{p} ({label})", "bytes per token": per_token[p],
+                          "vs fp16": per_token[0] / per_token[p]} for p, label in QUANT_POLICIES.items()])
+
+
+def gain_vs_fp16(runs: "pandas.DataFrame") -> dict[int, float]:
+    """Mean tokens per KV GiB of each int KV policy in a sweep's runs table, divided by that of policy 0."""
+    mean = runs.groupby("quant_policy")["tokens per KV GiB"].mean()
+    if 0 not in mean.index:
+        raise ValueError("the runs have no quant_policy 0 row to compare with")
+    return {int(p): float(v / mean[0]) for p, v in mean.items() if p != 0}
 
 
 def weights_bytes(model_dir: str | Path) -> int:
     """Bytes of weight files in a model folder (what `du -sh` showed in the course)."""
+    return sum(f.stat().st_size for f in weight_files(model_dir))
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The weight files of a model folder (labkit.models.WEIGHT_PATTERNS), sorted by name."""
+    from labkit.models import WEIGHT_PATTERNS
+
     d = Path(model_dir)
-    return sum(f.stat().st_size for p in ("*.safetensors", "*.bin") for f in d.glob(p))
+    return sorted({f for pattern in WEIGHT_PATTERNS for f in d.glob(pattern)})
 
 
 # What a CUDA context, the engine's runtime buffers and the allocator take besides weights and KV.
@@ -95,11 +124,11 @@ def budget(model_dir: str | Path, ratio: float = 0.8, gpu_free_gib: float | None
     shape = ModelShape.from_dir(model_dir)
     rows = []
     for policy, label in QUANT_POLICIES.items():
+        per_token = bytes_per_token(shape, policy)
         rows.append({"kv policy": f"{policy} ({label})", "weights GiB": weights / 1024**3,
                      "kv cache GiB": kv / 1024**3, "runtime GiB": RUNTIME_OVERHEAD / 1024**3,
                      "left free GiB": (free - weights - RUNTIME_OVERHEAD - kv) / 1024**3,
-                     "kv bytes/token": bytes_per_token(shape, policy),
-                     "tokens that fit": int(kv // bytes_per_token(shape, policy))})
+                     "kv bytes/token": per_token, "tokens that fit": int(kv // per_token)})
     return pd.DataFrame(rows).round(2)
 
 
@@ -254,13 +283,15 @@ def capacity_table(model_dir: str | Path, ratios=(0.8, 0.4, 0.1), policies=tuple
         if not has_cuda():
             kw.setdefault("gpu_name", "A100")  # lmdeploy's max_batch_size (and runtime reserve) for an A100
         print(f"free after weights: {free_bytes / 1024**3:.2f} GiB ({where})")
+    shape = ModelShape.from_dir(model_dir)
     rows = []
     for r in ratios:
         for p in policies:
             got = predict(model_dir, r, p, free_bytes=free_bytes, **kw)
             rows.append({"ratio": r, "kv policy": f"{p} ({QUANT_POLICIES[p]})",
                          "KV cache GiB": got["kv_bytes"] / 1024**3, "blocks": got["blocks"],
-                         "tokens that fit": got["tokens"], "bytes per token": got["block_bytes"] / got["block_size"]})
+                         "tokens that fit": got["tokens"],
+                         "bytes per token": bytes_per_token(shape, p, kw.get("block_size"))})
     return pd.DataFrame(rows).round(2)
 
 
@@ -277,13 +308,15 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> tuple[float
 
 
 def measure_engine(eng, prompts: list[str], concurrency: int = 32, new_tokens: int = 256, repeats: int = 2,
-                   agree_tokens: int = 64, predicted: dict | None = None, tok_s: float | None = None):
+                   agree_tokens: int = 64, predicted: dict | None = None, tok_s: float | None = None,
+                   prompt_tokens: int = 128):
     """(row, greedy token ids) for a running engine: KV allocated (vs predicted), memory, tok/s at `concurrency`."""
     from labkit import bench
 
     cap = engine_capacity(eng)
     if tok_s is None:
-        speed = bench.measure(eng, batch_sizes=(concurrency,), new_tokens=new_tokens, repeats=repeats)
+        speed = bench.measure(eng, batch_sizes=(concurrency,), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                              repeats=repeats)
         tok_s = float(speed["output tok/s"].iloc[0])
     replies = eng.generate(list(prompts), max_new_tokens=agree_tokens, temperature=0, ignore_eos=True)
     row = {"ratio": cap["ratio"], "quant_policy": cap["quant_policy"], "kv": QUANT_POLICIES[cap["quant_policy"]],
@@ -306,7 +339,8 @@ def check_runs(runs) -> list[tuple[float, int]]:
 
 
 def sweep(model: str | Path, runs, prompts: list[str], concurrency: int = 32, new_tokens: int = 256,
-          repeats: int = 2, agree_tokens: int = 64, backend: str = "pytorch", name: str = "kv-sweep"):
+          repeats: int = 2, agree_tokens: int = 64, backend: str = "pytorch", name: str = "kv-sweep",
+          prompt_tokens: int = 128):
     """One engine per (ratio, quant_policy): predicted vs allocated KV, GPU memory, speed, agreement with fp16 KV."""
     import pandas as pd
 
@@ -315,13 +349,14 @@ def sweep(model: str | Path, runs, prompts: list[str], concurrency: int = 32, ne
     from labkit.models import resolve
 
     runs = check_runs(runs)  # every run checked before the first start
-    bench.check_sizes((concurrency,), 128, new_tokens, 1, repeats)
+    bench.check_sizes((concurrency,), prompt_tokens, new_tokens, 1, repeats)
     model_dir = resolve(str(model))
     rows, reference, outputs = [], None, {}
     for ratio, policy in runs:
         predicted = predict(model_dir, ratio, policy)
         with Engine(model_dir, backend=backend, name=name, cache_ratio=ratio, quant_policy=policy) as eng:
-            row, ids = measure_engine(eng, prompts, concurrency, new_tokens, repeats, agree_tokens, predicted)
+            row, ids = measure_engine(eng, prompts, concurrency, new_tokens, repeats, agree_tokens, predicted,
+                                      prompt_tokens=prompt_tokens)
         reference = reference if reference is not None else ids
         row["same tokens as fp16 KV %"], row["identical prefix (tokens)"] = agreement(reference, ids)
         outputs[(ratio, policy)] = ids

@@ -30,9 +30,9 @@ from typing import Any
 
 from labkit import config
 from labkit.engine import needs_remote_code
+from labkit.gpu import GiB
+from labkit.kvcache import text_config, weight_files
 
-GiB = 1024**3
-MiB = 1024**2
 HUB_SETS = ("wikitext2", "c4", "pileval", "gsm8k", "neuralmagic_calibration", "open-platypus", "openwebtext")
 STATS_FILES = ("inputs_stats.pth", "outputs_stats.pth")  # calibration intermediates auto_awq leaves behind
 META = "labkit-awq.json"
@@ -55,14 +55,6 @@ class QuantError(ValueError):
 
 # ----------------------------------------------------------------------------- checks (fast, no torch)
 
-def _text_config(model_dir: Path) -> dict:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    for key in ("text_config", "llm_config", "language_config"):
-        if isinstance(cfg.get(key), dict) and "hidden_size" in cfg[key]:
-            return {**cfg[key], "architectures": cfg.get("architectures")}
-    return cfg
-
-
 def check_params(model_dir: str | Path, w_bits: int = 4, w_group_size: int = 128, calib_samples: int = 32,
                  calib_seqlen: int = 256, batch_size: int = 1) -> dict:
     """Check AWQ settings against the model's shape before any work; returns the shape read."""
@@ -73,7 +65,7 @@ def check_params(model_dir: str | Path, w_bits: int = 4, w_group_size: int = 128
                         ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise QuantError(f"{name} must be a whole number >= 1, not {value!r}")
-    cfg = _text_config(Path(model_dir))
+    cfg = text_config(model_dir)
     hidden = cfg["hidden_size"]
     heads = cfg.get("num_attention_heads", 1)
     head_dim = cfg.get("head_dim") or hidden // heads
@@ -259,7 +251,7 @@ def _device(device: str | None) -> str:
 
 
 def _key(model_dir: Path, params: dict, identity: str) -> str:
-    weights = sorted((f.name, f.stat().st_size) for f in model_dir.iterdir() if f.suffix in (".safetensors", ".bin"))
+    weights = [(f.name, f.stat().st_size) for f in weight_files(model_dir)]
     blob = json.dumps({"model": str(model_dir), "config": (model_dir / "config.json").read_text(),
                        "weights": weights, "params": params, "calibration": identity}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -376,7 +368,7 @@ def compare_sizes(models: dict[str, str | Path]):
     """Size on disk of each model folder, and its ratio to the first (a table)."""
     import pandas as pd
 
-    rows = [{"model": name, "folder": Path(path).name, "MiB on disk": disk_size(path) / MiB} for name, path in
+    rows = [{"model": name, "folder": Path(path).name, "MiB on disk": disk_size(path) / 2**20} for name, path in
             models.items()]
     df = pd.DataFrame(rows)
     df["vs first"] = df["MiB on disk"] / df["MiB on disk"].iloc[0]

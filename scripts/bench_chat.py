@@ -7,14 +7,12 @@ usage: python scripts/bench_chat.py --model generated:bench-1.5b --batches 1 32 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing labkit
 from labkit.cli import run_script
-from labkit.evidence import versions as labkit_versions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,13 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     table = bench.compare(hf_table, lmd_table)
     print(table.to_string(index=False))
 
-    versions = ", ".join(f"{pkg} {v or '-'}" for pkg, v in labkit_versions().items())
-    command = "python scripts/bench_chat.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    lines = [f"GPU: {gpu.name}; model `{args.model}` ({model_dir.name}); prompt {args.prompt_tokens} tokens, "
-             f"{args.new_tokens} new tokens (ignore_eos), warm-up {args.warmup}, median of {args.repeats}; "
-             f"transformers `generate` (bf16) vs LMDeploy's {lmd_table['engine'].iloc[0].split()[-1]} engine; "
-             f"{versions}; {time.perf_counter() - start:.0f} s in all.",
-             "", bench.markdown(table.rename(columns=lambda c: c.replace("TTFT ms", "TTFT ms (median)"))), ""]
+    header, command = bench.report_header(
+        "scripts/bench_chat.py", argv, gpu.name, args.model, model_dir,
+        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (ignore_eos), warm-up {args.warmup}, "
+        f"median of {args.repeats}; transformers `generate` (bf16) vs LMDeploy's "
+        f"{lmd_table['engine'].iloc[0].split()[-1]} engine", time.perf_counter() - start)
+    lines = [header, "", bench.markdown(table.rename(columns=lambda c: c.replace("TTFT ms", "TTFT ms (median)"))), ""]
     if roof is not None:
         lines += [f"Batch-1 decode roofline: {roof.attrs['bandwidth_GBps']:,.0f} GB/s measured bandwidth / "
                   f"{roof.attrs['weights_GB']:.2f} GB of weights = {roof['roofline tok/s'].iloc[0]:,.0f} tokens/s; "

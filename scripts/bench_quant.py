@@ -10,14 +10,12 @@ usage: python scripts/bench_quant.py --model generated:bench-1.5b --out bench-qu
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing labkit
 from labkit.cli import run_script
-from labkit.evidence import versions as labkit_versions
 
 BEGIN, END = "<!-- bench_quant: begin -->", "<!-- bench_quant: end -->"
 PROMPTS = ["Explain what a KV cache stores.", "Write a haiku about memory.", "List three uses of a GPU.",
@@ -81,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                 same_batch = args.concurrency in args.batches
                 kv_row, reference = kvcache.measure_engine(
                     eng, PROMPTS, args.concurrency, args.new_tokens, args.repeats, args.agree_tokens, predicted,
-                    tok_s=row[f"tok/s batch {args.concurrency}"] if same_batch else None)
+                    tok_s=row[f"tok/s batch {args.concurrency}"] if same_batch else None,
+                    prompt_tokens=args.prompt_tokens)
                 kv_rows.append(kv_row)
         row = {"model": label, "disk MiB": quant.disk_size(folder) / 2**20, **{k: v for k, v in row.items() if k != "model"}}
         weights_rows.append(row)
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         with Engine(model_dir, quant_policy=policy, **engine_kw) as eng:
             stamp(f"kv policy {policy} engine up in {eng.start_seconds:.0f} s")
             kv_row, ids = kvcache.measure_engine(eng, PROMPTS, args.concurrency, args.new_tokens, args.repeats,
-                                                 args.agree_tokens, predicted)
+                                                 args.agree_tokens, predicted, prompt_tokens=args.prompt_tokens)
         kv_rows.append(kv_row)
         stamp(f"kv {policy}: {kv_row}")
         kv_row["same tokens as fp16 KV %"], kv_row["identical prefix (tokens)"] = kvcache.agreement(reference, ids)
@@ -106,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     print(weights.to_string(index=False))
     print(kv.to_string(index=False))
 
-    versions = ", ".join(f"{pkg} {v or '-'}" for pkg, v in labkit_versions().items())
-    command = "python scripts/bench_quant.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    header, command = bench.report_header(
+        "scripts/bench_quant.py", argv, gpu.name, args.model, model_dir,
+        f"LMDeploy PyTorch engine, cache_max_entry_count {ratio}, {'eager' if args.eager else 'CUDA graphs'}; "
+        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (ignore_eos), warm-up 1, median of "
+        f"{args.repeats}", time.perf_counter() - start)
     cal = awq_info["calibration"]
     lines = [BEGIN, "## Quantization: AWQ W4A16 weights and int8 / int4 KV cache (labs 03, 04)", "",
-             f"GPU: {gpu.name}; model `{args.model}` ({model_dir.name}); LMDeploy PyTorch engine, "
-             f"cache_max_entry_count {ratio}, {'eager' if args.eager else 'CUDA graphs'}; prompt "
-             f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens (ignore_eos), warm-up 1, median of "
-             f"{args.repeats}; {versions}; {time.perf_counter() - start:.0f} s in all.", "",
+             header, "",
              f"AWQ: w_bits 4, group 128, {args.calib_samples} x {args.calib_seqlen} calibration tokens from "
              f"{cal['name']} ({cal['kind']}), made on {awq_info['device']} in {awq_info['seconds']} s. "
              f"GPU memory is what the engine took (NVML); the KV cache part is read from the engine, the rest is "

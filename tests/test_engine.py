@@ -29,6 +29,23 @@ def test_bad_quant_policy():
         engine.engine_config("pytorch", quant_policy=3)
 
 
+@pytest.mark.parametrize("backend", ["turbomind", "pytorch"])
+def test_engine_config_passes_options_and_leaves_none_to_lmdeploy(backend):
+    """Both lmdeploy config classes build on CPU; options left as None get lmdeploy's defaults."""
+    from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
+
+    cls = TurbomindEngineConfig if backend == "turbomind" else PytorchEngineConfig
+    cfg = engine.engine_config(backend, cache_ratio=0.4, quant_policy=8, session_len=4096)
+    assert isinstance(cfg, cls)
+    assert (cfg.cache_max_entry_count, int(cfg.quant_policy), cfg.session_len, cfg.tp) == (0.4, 8, 4096, 1)
+    default = cls()
+    assert (cfg.max_batch_size, cfg.model_format) == (default.max_batch_size, default.model_format)
+    set_all = engine.engine_config(backend, max_batch_size=64, model_format="awq", eager=True)
+    assert (set_all.max_batch_size, set_all.model_format, set_all.session_len) == (64, "awq", default.session_len)
+    if backend == "pytorch":
+        assert set_all.eager_mode is True and engine.engine_config(backend, eager=False).eager_mode is False
+
+
 def test_missing_model_path_fails_before_gpu_work(tmp_path):
     from labkit.models import ModelNotFoundError
 

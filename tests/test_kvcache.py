@@ -35,6 +35,65 @@ def test_shape_reads_vocab(tiny_dir):
     assert ModelShape.from_dir(tiny_dir) == ModelShape(layers=2, kv_heads=2, head_dim=64, dtype_bytes=2, vocab=4096)
 
 
+def test_shape_reads_every_kind_of_text_config(tiny_dir, tmp_path):
+    """A vision model's text part under text_config, llm_config or language_config: the same shape."""
+    import json
+
+    inner = json.loads((tiny_dir / "config.json").read_text())
+    for key in ("text_config", "llm_config", "language_config"):
+        d = tmp_path / key
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"architectures": ["SomeVLModel"], key: inner,
+                                                   "vision_config": {"hidden_size": 32}}))
+        assert ModelShape.from_dir(d) == ModelShape.from_dir(tiny_dir), key
+        assert kvcache.text_config(d)["architectures"] == ["SomeVLModel"]
+
+
+def test_weights_bytes_counts_every_weight_pattern(tmp_path):
+    from labkit.models import WEIGHT_PATTERNS
+
+    for i, pattern in enumerate(WEIGHT_PATTERNS):
+        (tmp_path / pattern.replace("*", f"w{i}")).write_bytes(b"x" * (10 ** i))
+    (tmp_path / "config.json").write_text("{}")
+    assert kvcache.weights_bytes(tmp_path) == sum(10 ** i for i in range(len(WEIGHT_PATTERNS)))
+
+
+def test_bytes_per_token_is_a_block_over_its_tokens(tiny_dir):
+    shape = ModelShape.from_dir(tiny_dir)  # blocks by hand in test_block_bytes_by_hand: 65536, 34816, 18432 bytes
+    assert [kvcache.bytes_per_token(shape, p) for p in (0, 8, 4)] == [65536 / 64, 34816 / 64, 18432 / 64]
+    wide = ModelShape(layers=1, kv_heads=1, head_dim=512)  # head_dim >= 512: blocks of 32 tokens
+    assert kvcache.bytes_per_token(wide, 0) == kvcache.block_bytes(wide, 0) / 32 == 2 * 512 * 2
+    padded = ModelShape(layers=1, kv_heads=1, head_dim=2)  # int8 K, V and scale+zero each padded to 256 bytes
+    assert kvcache.bytes_per_token(padded, 8) == 4 * 256 / 64 == 16  # not 2 * (2 + 2 * 2) = 12 unpadded
+
+
+def test_per_token_table(tiny_dir):
+    table = kvcache.per_token_table(tiny_dir)
+    assert list(table.columns) == ["quant_policy", "kv policy", "bytes per token", "vs fp16"]
+    assert table["quant_policy"].tolist() == [0, 4, 8]
+    assert table["kv policy"].tolist() == ["0 (fp16/bf16 KV)", "4 (int4 KV)", "8 (int8 KV)"]
+    assert table["bytes per token"].tolist() == [1024, 288, 544]
+    assert table["vs fp16"].tolist() == [1.0, 1024 / 288, 1024 / 544]
+    assert table.equals(kvcache.per_token_table(ModelShape.from_dir(tiny_dir)))
+
+
+def test_gain_vs_fp16_from_a_runs_table(tiny_dir):
+    """A runs table shaped like sweep's (tokens per KV GiB from the predictor): the gain is the per-token ratio."""
+    import pandas as pd
+
+    rows = []
+    for ratio, policy in [(0.8, 0), (0.1, 0), (0.4, 8), (0.4, 4)]:
+        got = kvcache.predict(tiny_dir, ratio, policy, free_bytes=8 * GiB, max_batch_size=128)
+        rows.append({"quant_policy": policy, "tokens per KV GiB": got["tokens"] / (got["kv_bytes"] / GiB)})
+    gain = kvcache.gain_vs_fp16(pd.DataFrame(rows))
+    per_token = kvcache.per_token_table(tiny_dir).set_index("quant_policy")["vs fp16"]
+    assert sorted(gain) == [4, 8]
+    assert gain == pytest.approx({4: per_token[4], 8: per_token[8]})
+    assert kvcache.gain_vs_fp16(pd.DataFrame(rows[:3])) == pytest.approx({8: per_token[8]})
+    with pytest.raises(ValueError, match="no quant_policy 0"):
+        kvcache.gain_vs_fp16(pd.DataFrame(rows[2:]))
+
+
 def test_block_bytes_by_hand(tiny_dir):
     shape = ModelShape.from_dir(tiny_dir)  # 2 layers, 2 KV heads, head_dim 64, bf16; blocks of 64 tokens
     # fp16: K and V each 64 tokens x 2 heads x 64 dims x 2 bytes = 16384 (a multiple of 256); x 2 x 2 layers
@@ -173,8 +232,10 @@ def test_capacity_table_and_budget_still_work(tiny_dir):
     assert list(table["kv policy"]) == ["0 (fp16/bf16 KV)", "4 (int4 KV)", "8 (int8 KV)"]
     fp16, int4, int8 = table["tokens that fit"]
     assert int8 / fp16 > 1.8 and int4 / fp16 > 3.4
+    assert table["bytes per token"].tolist() == kvcache.per_token_table(tiny_dir)["bytes per token"].tolist()
     budget = kvcache.budget(tiny_dir, ratio=0.8, gpu_free_gib=24)  # lab 00
     assert len(budget) == 3 and (budget["tokens that fit"] > 0).all()
+    assert budget["kv bytes/token"].tolist() == [1024, 288, 544]  # the same figure as the block layout's
 
 
 def test_agreement():

@@ -58,6 +58,25 @@ def test_baseline_stream_matches_generate(hf, capsys):
     assert shown.input_tokens == whole.input_token_len and 0 < shown.ttft_s <= shown.seconds
 
 
+def test_baseline_on_cpu_takes_no_gpu_memory(hf):
+    assert hf.memory_before == hf.memory_after == 0
+    assert hf.memory_gib == 0 and hf.describe()["GPU memory GiB"] == 0
+
+
+def test_report_header():
+    from pathlib import Path
+
+    from labkit.evidence import versions
+
+    line, command = bench.report_header("scripts/bench_x.py", ["--model", "my model", "--repeats", "3"], "NVIDIA H100",
+                                        "generated:tiny-chat", Path("/m/tiny-chat-v1"), "prompt 8 tokens", 12.4)
+    installed = ", ".join(f"{pkg} {v or '-'}" for pkg, v in versions().items())
+    assert line == (f"GPU: NVIDIA H100; model `generated:tiny-chat` (tiny-chat-v1); prompt 8 tokens; {installed}; "
+                    f"12 s in all.")
+    assert command == "python scripts/bench_x.py --model 'my model' --repeats 3"
+    assert bench.report_header("s.py", [], "g", "m", "d", "x", 0)[1] == "python s.py"
+
+
 def test_stream_to_notebook_plain_text(capsys):
     res = stream_to_notebook(iter(["a", "b", "", "c"]), show=False)
     assert (res.text, res.tokens, res.finish_reason) == ("abc", 3, None)

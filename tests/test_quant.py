@@ -109,6 +109,23 @@ def test_bad_settings_fail_before_any_work(kwargs, expect, tmp_path):
     assert not out.exists()
 
 
+def test_check_params_reads_a_language_config(tiny_dir, tmp_path):
+    """A vision model's text part under language_config: the shape of the text part, the model's own class."""
+    inner = json.loads((tiny_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["SomeVLModel"], "language_config": inner}))
+    got = quant.check_params(tmp_path)
+    assert got == {**quant.check_params(tiny_dir), "architecture": "SomeVLModel"}
+    assert got["layers"] == 2 and got["hidden size"] == 256
+
+
+def test_cache_key_follows_every_weight_file(tiny_dir, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_dir / "config.json").read_text())
+    (tmp_path / "model.pt").write_bytes(b"x" * 10)
+    before = quant._key(tmp_path, {}, "text:abc")
+    (tmp_path / "model.pt").write_bytes(b"x" * 20)  # a *.pt checkpoint (labkit.models.WEIGHT_PATTERNS) changed
+    assert quant._key(tmp_path, {}, "text:abc") != before
+
+
 def test_calibration_file_missing_or_empty(tmp_path):
     with pytest.raises(QuantError) as err:
         quant.awq(TINY, work_dir=tmp_path / "a", device=None, calib_text=tmp_path / "nope.txt")
