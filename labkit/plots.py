@@ -45,3 +45,31 @@ def speed_bars(table, value: str = "output tok/s", ax=None) -> None:
     ax.legend(fontsize=8)
     ax.figure.tight_layout()
     plt.show()
+
+
+def size_bars(sizes, ax=None) -> None:
+    """Bars of each model's size on disk, MiB (lab 03: `quant.compare_sizes`)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3))
+    bars = ax.bar(sizes["model"], sizes["MiB on disk"], color=["tab:blue", "tab:orange", "tab:green"][:len(sizes)])
+    ax.bar_label(bars, labels=[f"{v:,.1f}" for v in sizes["MiB on disk"]], fontsize=8)
+    ax.set(ylabel="MiB", title="size on disk")
+    ax.figure.tight_layout()
+    plt.show()
+
+
+def kv_sweep(runs) -> None:
+    """Lab 04's sweep: the engine's GPU memory against cache_max_entry_count, and tokens per GiB of KV cache,
+    per KV policy (`kvcache.sweep`)."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+    for kv, part in runs.groupby("kv"):
+        left.plot(part["ratio"], part["GPU memory GiB"], "o", label=kv)
+    left.set(xlabel="cache_max_entry_count", ylabel="GPU memory of the engine, GiB", title="memory follows the ratio")
+    left.legend()
+    runs.groupby("kv")["tokens per KV GiB"].mean().plot.bar(ax=right, rot=0, title="tokens per GiB of KV cache")
+    fig.tight_layout()
+    plt.show()

@@ -1,10 +1,11 @@
-"""Show a streamed reply as it arrives, and measure it: `stream_to_notebook(eng.stream(...))` works for
-lmdeploy's `stream_infer` Responses and for the transformers baseline alike. Used by labs 01, 02, 05, 06.
+"""Show results in a notebook: a streamed reply as it arrives, measured (`stream_to_notebook(eng.stream(...))`,
+for lmdeploy's `stream_infer` Responses and the transformers baseline alike; labs 01, 02, 05, 06), lmdeploy
+Responses as a table (labs 01, 05), and what bad inputs are refused with (labs 04, 05).
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 
@@ -61,3 +62,41 @@ def stream_to_notebook(pieces: Iterable, show: bool = True) -> StreamResult:
     if show:
         print(f"\n\n-- {result.summary()}", flush=True)
     return result
+
+
+RESPONSE_FIELDS = ("generate_token_len", "input_token_len", "finish_reason", "index")
+
+
+def responses_table(responses, text_chars: int | None = None, **columns):
+    """lmdeploy Responses as a pandas table: the text, the Response fields and len(token_ids), one row each;
+    `columns` adds columns (a list per column, one value per response) in front."""
+    import pandas as pd
+
+    if not isinstance(responses, (list, tuple)):
+        responses = [responses]
+    rows = []
+    for r in responses:
+        text = r.text if text_chars is None or len(r.text) <= text_chars else r.text[:text_chars] + "..."
+        rows.append({"text": text, **{f: getattr(r, f) for f in RESPONSE_FIELDS},
+                     "len(token_ids)": len(r.token_ids or [])})
+    table = pd.DataFrame(rows)
+    for i, (name, values) in enumerate(columns.items()):
+        table.insert(i, name, list(values))
+    return table
+
+
+def refusals(attempts: dict[str, Callable[[], object]], errors: tuple[type[BaseException], ...] = (ValueError,)
+             ) -> dict[str, str]:
+    """Run each attempt, which should be refused with one of `errors`; print and return {what: message}.
+    An attempt that is accepted is printed as such and left out, so a check on the keys catches it."""
+    refused = {}
+    width = max(map(len, attempts), default=0)
+    for what, attempt in attempts.items():
+        try:
+            attempt()
+        except errors as err:
+            refused[what] = str(err)
+            print(f"{what:>{width}}: {err}")
+        else:
+            print(f"{what:>{width}}: ACCEPTED (expected a refusal)")
+    return refused
