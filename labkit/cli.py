@@ -55,13 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_models)
     for name in _EXTENSION_MODULES:  # each defines add_cli(sub)
         importlib.import_module(name).add_cli(sub)
-    for extend in _EXTENSIONS:
-        extend(sub)
     return p
 
 
-# Modules of later labs add sub-commands here: each entry takes the sub-parsers object.
-_EXTENSIONS: list = []
 # Modules whose add_cli(sub) adds sub-commands: `labkit servers`, `labkit webui` (lab 02).
 _EXTENSION_MODULES = ["labkit.serve", "labkit.webui"]
 

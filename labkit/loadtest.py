@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-LOCAL = ("127.0.0.1", "localhost", "::1")
+from labkit.serve import LOCAL_HOSTS
+from labkit.webui import list_models, openai_base
+
 MAX_REQUESTS = 2000
 MAX_CONCURRENCY = 512
 MAX_SECONDS = 600.0
@@ -26,18 +28,17 @@ class LoadTestError(ValueError):
 
 
 def _target(server: Any) -> tuple[str, str, str | None]:
-    """(…/v1 URL, api key, model name) of a labkit Server or a URL; refuses anything but this machine."""
-    if hasattr(server, "openai_url"):
-        url, key, model = server.openai_url, server.api_key, server.model_name
-    else:
-        url, key, model = str(server).rstrip("/"), "none", None
-        if not url.endswith("/v1"):
-            url += "/v1"
+    """(…/v1 URL, api key, model name) of a labkit Server or a URL (key: OPENAI_API_KEY, as for
+    webui.list_models); refuses anything but this machine."""
+    try:
+        url, key = openai_base(server)
+    except ValueError as err:
+        raise LoadTestError(str(err)) from None
     host = urlparse(url).hostname
-    if host not in LOCAL:
+    if host not in LOCAL_HOSTS:
         raise LoadTestError(f"the load test only runs against this machine (127.0.0.1 / localhost), not {host!r}: "
                             f"load-testing someone else's server is an attack")
-    return url, key, model
+    return url, key, getattr(server, "model_name", None)
 
 
 @dataclass
@@ -152,9 +153,7 @@ def run(server: Any, concurrency: int = 8, requests: int | None = None, max_toke
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise LoadTestError(f"max_tokens must be a whole number >= 1, not {max_tokens!r}")
     if model is None:
-        from labkit.webui import list_models
-
-        model = list_models(url)[0]
+        model = list_models(server)[0]
     reqs, wall = _in_thread(_run, url, key, model, concurrency, requests, prompt, max_tokens, time_limit)
     ok = [r for r in reqs if r.ok]
     ttft = [r.first - r.start for r in ok]

@@ -31,6 +31,7 @@ from typing import Any
 
 from labkit import config
 from labkit.diagnose import diagnose  # noqa: F401  (labkit.serve.diagnose is public)
+from labkit.gpu import GiB, gpus, memory_used_or_none, process_memory, require_gpu
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 STOP_GRACE_S = 8.0          # SIGTERM, then SIGKILL after this long (lmdeploy needs ~3 s)
@@ -53,6 +54,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def url_host(host: str) -> str:
+    """The host part of a URL that reaches a server listening on `host`: the loopback address for "every
+    interface" ("0.0.0.0" or "" -> 127.0.0.1, "::" -> ::1), IPv6 addresses in brackets ([::1])."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def openai_client(base_url: str, api_key: str = "none", timeout: float = 120.0, **kwargs: Any):
+    """An openai.OpenAI client for a server on this machine (…/v1 URL; proxy settings ignored)."""
+    import httpx
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key=api_key,
+                         http_client=httpx.Client(trust_env=False, timeout=timeout), **kwargs)
 
 
 def check_port(host: str, port: int) -> int:
@@ -255,7 +272,7 @@ def servers_table(clean: bool = True):
 
 def stop_registered(entry: dict, grace: float = STOP_GRACE_S) -> float:
     """Stop a registered server (the whole process group) and drop its registry entry; return seconds."""
-    took = stop_group(entry["pgid"], grace) if entry.get("state", _state(entry)) != "gone" else 0.0
+    took = stop_group(entry["pgid"], grace) if (entry.get("state") or _state(entry)) != "gone" else 0.0
     Path(entry.get("file") or registry_dir() / f"{entry['pid']}.json").unlink(missing_ok=True)
     return took
 
@@ -291,7 +308,7 @@ class Server:
                  startup_timeout: float = 300.0, model_name: str | None = None, tp: int = 1,
                  eager: bool | None = None, log_level: str = "INFO", show: bool = True,
                  command: list[str] | None = None, stop_grace: float = STOP_GRACE_S):
-        from labkit.engine import check_backend, check_options
+        from labkit.engine import check_backend, check_options, choose_backend, default_eager
         from labkit.models import resolve
 
         self.name, self.host, self.show, self.stop_grace = name, host, show, stop_grace
@@ -302,7 +319,8 @@ class Server:
         self.api_keys = list(api_keys) if api_keys else []
         if not isinstance(extra_args, (list, tuple)) or not all(isinstance(a, str) for a in extra_args):
             raise ServerError("extra_args must be a list of strings, e.g. ['--max-batch-size', '64']")
-        # 1. Everything that can be wrong with the input, before anything starts.
+        # 1. Everything that can be wrong with the input, before anything starts (what only one backend
+        #    refuses is checked again once the backend is known, in 4).
         self.model_dir = resolve(str(model))
         check_backend(backend)
         check_options(cache_ratio, quant_policy, session_len, tp)
@@ -324,19 +342,17 @@ class Server:
             print(f"WARNING: the server listens on {host}: anyone who can reach this machine on that port can use "
                   f"the model{'' if self.api_keys else ' (no api_keys set: pass api_keys=[...] to require a key)'}.")
         self.port = check_port(host, port) if port is not None else free_port(host)
-        # 4. Backend and GPU memory (quick checks; the model loads in the child).
+        # 4. Backend, the engine options for it, and GPU memory (quick checks; the model loads in the child).
         self.backend, self.backend_reason = ("custom", "custom command") if command else \
-            _choose_backend(self.model_dir, backend)
-        from labkit.gpu import gpus
-
+            choose_backend(self.model_dir, backend)
+        check_options(cache_ratio, quant_policy, session_len, tp, backend=self.backend)
         if command is None and gpus():
-            from labkit.gpu import GiB, require_gpu
             from labkit.kvcache import weights_bytes
 
             require_gpu(min_free_gib=weights_bytes(self.model_dir) / GiB + 1.0,
                         what=f"serving {self.model_dir.name}")
         if eager is None:
-            eager = config.profile() == "test"
+            eager = default_eager()
         if command is None:
             self.argv = api_server_args(self.model_dir, host=host, port=self.port, backend=self.backend,
                                         model_name=self.model_name, cache_ratio=cache_ratio,
@@ -354,7 +370,7 @@ class Server:
         logs = config.home() / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.log_path = logs / f"server-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{self.port}.log"
-        self.memory_before = _gpu_used()
+        self.memory_before = memory_used_or_none()
         self.started = time.time()
         _install_handlers()
         root = str(Path(__file__).resolve().parent.parent)  # so the watchdog finds labkit wherever it runs
@@ -381,7 +397,7 @@ class Server:
             self.stop(quiet=True)
             raise
         self.start_seconds = time.time() - self.started
-        self.memory_after = _gpu_used()
+        self.memory_after = memory_used_or_none()
         if show:
             print(f"server {name!r} ready in {self.start_seconds:.1f} s at {self.base_url} "
                   f"(model {self.model_name!r}, backend {self.backend}: {self.backend_reason}; "
@@ -395,9 +411,8 @@ class Server:
 
     @property
     def base_url(self) -> str:
-        """http://host:port (127.0.0.1 when it listens on every interface); its Swagger UI is here."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("[::1]" if self.host == "::" else self.host)
-        return f"http://{host}:{self.port}"
+        """http://host:port (the loopback address when it listens on every interface); its Swagger UI is here."""
+        return f"http://{url_host(self.host)}:{self.port}"
 
     @property
     def openai_url(self) -> str:
@@ -434,7 +449,19 @@ class Server:
         """GPU memory (bytes) that the server's processes hold, from NVML; None where NVML cannot tell."""
         if self.stopped:
             return 0
-        return _gpu_memory_of(set(group_members(self.pgid)))
+        return process_memory(set(group_members(self.pgid)))
+
+    @property
+    def memory_gib(self) -> float | None:
+        """GiB of GPU memory the server holds: its processes' (NVML), else the rise in GPU memory measured
+        at its start; None without a GPU."""
+        held = self.memory
+        if held is None:
+            before, after = getattr(self, "memory_before", None), getattr(self, "memory_after", None)
+            if before is None or after is None:
+                return None
+            held = after - before
+        return held / GiB
 
     def describe(self) -> dict:
         """What runs: name, model, backend and why, URL, pid, start time, GPU memory."""
@@ -442,19 +469,14 @@ class Server:
         before, after = getattr(self, "memory_before", None), getattr(self, "memory_after", None)
         return {"name": self.name, "model": self.model_name, "backend": self.backend, "why": self.backend_reason,
                 "url": self.base_url, "pid": self.pid, "start s": round(getattr(self, "start_seconds", 0.0), 1),
-                "GPU memory GiB": None if mem is None else round(mem / 1024**3, 2),
+                "GPU memory GiB": None if mem is None else round(mem / GiB, 2),
                 "GPU memory added at start GiB": None if before is None or after is None else
-                round((after - before) / 1024**3, 2),
+                round((after - before) / GiB, 2),
                 "tool parser": self.tool_call_parser, "log": str(self.log_path)}
 
     def client(self, **kwargs: Any):
         """An openai.OpenAI client for this server (proxy settings ignored: the server is local)."""
-        import httpx
-        import openai
-
-        return openai.OpenAI(base_url=self.openai_url, api_key=self.api_key,
-                             http_client=httpx.Client(trust_env=False, timeout=kwargs.pop("timeout", 120.0)),
-                             **kwargs)
+        return openai_client(self.openai_url, self.api_key, **kwargs)
 
     # ------------------------------------------------------------------ lifecycle
     def _register(self) -> None:
@@ -619,12 +641,6 @@ def _served_name(model: str, model_dir: Path) -> str:
     return tail if tail and not tail.startswith(".") else model_dir.name
 
 
-def _choose_backend(model_dir: Path, backend: str) -> tuple[str, str]:
-    from labkit.engine import choose_backend
-
-    return choose_backend(model_dir, backend)
-
-
 def stop_server(name: str) -> bool:
     """Stop the live server called `name` that this kernel started, if any; True if one was stopped."""
     from labkit.live import replace_earlier
@@ -702,35 +718,6 @@ def _tail_lines(path: Path, n: int) -> list[str]:
 
 
 
-# ----------------------------------------------------------------------------- GPU memory
-
-def _gpu_used() -> int | None:
-    from labkit.gpu import _nvml, memory_used
-
-    return memory_used() if _nvml() is not None else None
-
-
-def _gpu_memory_of(pids: set[int]) -> int | None:
-    """Bytes of GPU memory that processes `pids` hold on any GPU (NVML); None if NVML cannot attribute it."""
-    from labkit.gpu import _nvml
-
-    nv = _nvml()
-    if nv is None:
-        return None
-    total, seen = 0, False
-    for i in range(nv.nvmlDeviceGetCount()):
-        handle = nv.nvmlDeviceGetHandleByIndex(i)
-        try:
-            procs = nv.nvmlDeviceGetComputeRunningProcesses(handle)
-        except Exception:
-            return None
-        for p in procs:
-            if p.pid in pids and p.usedGpuMemory is not None:
-                total += p.usedGpuMemory
-                seen = True
-    return total if seen else None
-
-
 # ----------------------------------------------------------------------------- command line
 
 def _cli_servers(args) -> int:
@@ -745,14 +732,17 @@ def _cli_servers(args) -> int:
         if strays:
             print(f"\n{strays} stray server(s) (their notebook is gone): `labkit servers --stop` stops them")
         return 0
-    chosen = [e for e in entries if args.all or e["state"] == "stray" or (args.name and e["name"] in args.name)]
-    if args.name:
-        chosen = [e for e in chosen if e["name"] in args.name]
+    if args.name:  # the servers named, whatever their state
+        chosen = [e for e in entries if e["name"] in args.name]
+        for missing in sorted(set(args.name) - {e["name"] for e in entries}):
+            print(f"no server called {missing!r}")
+    else:  # strays only, unless --all
+        chosen = [e for e in entries if args.all or e["state"] == "stray"]
     for e in chosen:
         took = stop_registered(e, grace=args.grace)
         print(f"stopped {e['name']!r} (pid {e['pid']}, port {e['port']}) in {took:.1f} s")
-    kept = [e for e in entries if e not in chosen]
-    if kept:
+    kept = [e for e in entries if e not in chosen and e["state"] == "running"]
+    if kept and not args.name:
         print(f"kept {len(kept)} server(s) whose notebook still runs: add --all to stop them too")
     return 0
 

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def _schema(name: str, description: str, a: dict | None = None, b: dict | None = None) -> dict:
-    num = {"type": "number"}
+def _schema(name: str, description: str) -> dict:
+    """A tool of two numbers a and b, as an OpenAI function schema."""
     return {"type": "function", "function": {
         "name": name, "description": description,
         "parameters": {"type": "object",
-                       "properties": {"a": {**num, "description": "first number", **(a or {})},
-                                      "b": {**num, "description": "second number", **(b or {})}},
+                       "properties": {"a": {"type": "number", "description": "first number"},
+                                      "b": {"type": "number", "description": "second number"}},
                        "required": ["a", "b"]}}}
 
 

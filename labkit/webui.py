@@ -5,6 +5,10 @@ Clear, streamed replies. In a notebook `launch(url)` returns at once with a hand
 
 Lab 05 adds an image upload for vision-language models (`vision=True`, automatic for a labkit Server
 of one): a MultimodalTextbox whose images `check_upload` checks with labkit.vision before they are sent.
+
+`ask` and `retry` drive a running app from code through gradio_client, the way a browser does:
+
+    history = labkit.webui.ask(ui, "Describe this picture.", files=["chart.png"], max_new_tokens=64)
 """
 from __future__ import annotations
 
@@ -17,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 DEFAULTS = {"max_new_tokens": 256, "top_p": 0.8, "top_k": 40, "temperature": 0.7}
-API_NAMES = ("chat", "retry", "undo", "clear", "models")
 
 
 def openai_base(api: Any) -> tuple[str, str]:
@@ -30,17 +33,11 @@ def openai_base(api: Any) -> tuple[str, str]:
     return (url if url.endswith("/v1") else url + "/v1"), os.environ.get("OPENAI_API_KEY", "none")
 
 
-def _client(base: str, key: str):
-    import httpx
-    import openai
-
-    return openai.OpenAI(base_url=base, api_key=key, http_client=httpx.Client(trust_env=False, timeout=120.0))
-
-
 def list_models(api: Any) -> list[str]:
     """The model names the server offers (/v1/models)."""
-    base, key = openai_base(api)
-    return [m.id for m in _client(base, key).models.list().data]
+    from labkit.serve import openai_client
+
+    return [m.id for m in openai_client(*openai_base(api)).models.list().data]
 
 
 # ----------------------------------------------------------------------------- messages
@@ -123,15 +120,15 @@ def _text(content: Any) -> str:
 def stream_reply(api: Any, model: str, messages: list[dict], max_new_tokens: int = 256, top_p: float = 0.8,
                  top_k: int = 40, temperature: float = 0.7) -> Iterator[str]:
     """Stream a reply from the server: yields the text so far."""
-    base, key = openai_base(api)
-    stream = _client(base, key).chat.completions.create(
+    from labkit.serve import openai_client, stream_text
+
+    stream = openai_client(*openai_base(api)).chat.completions.create(
         model=model, messages=messages, stream=True, max_tokens=int(max_new_tokens), top_p=float(top_p),
         temperature=float(temperature), extra_body={"top_k": int(top_k)})
     text = ""
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            text += chunk.choices[0].delta.content
-            yield text
+    for piece in stream_text(stream):
+        text += piece
+        yield text
 
 
 def build_app(api: Any, title: str = "LMDeploy Lab chat", vision: bool = False):
@@ -244,6 +241,8 @@ class WebUI:
 
     def close(self) -> None:
         """Stop the web server."""
+        if _live.get("webui") is self:
+            _live.pop("webui")
         self.app.close()
         print(f"web UI at {self.url} closed")
 
@@ -270,25 +269,24 @@ def launch(api_url: Any, port: int | None = None, block: bool = False, share: bo
     """Serve the chat app for `api_url` (a URL or a labkit Server); returns at once unless block=True.
 
     vision=None: an image upload appears when `api_url` is a labkit Server of a vision-language model."""
-    from labkit.serve import LOCAL_HOSTS, check_port, free_port
+    from labkit.live import replace_earlier
+    from labkit.serve import LOCAL_HOSTS, check_port, free_port, url_host
 
     openai_base(api_url)  # a bad URL fails here, before anything starts
     if vision is None:
         from labkit.vision import is_vision_model
 
         vision = hasattr(api_url, "model_dir") and is_vision_model(api_url.model_dir)
-    old = _live.pop("webui", None)
-    if old is not None:  # re-running the cell replaces the app
-        old.close()
+    replace_earlier(_live, "webui", "web UI")  # re-running the cell replaces the app
     if host not in LOCAL_HOSTS:
         print(f"WARNING: the web UI listens on {host}: anyone who can reach this machine can chat with the model")
     port = check_port(host, port) if port is not None else free_port(host)
     app = build_app(api_url, title=title, vision=vision)
     app.queue()
-    _app, local_url, share_url = app.launch(server_name=host, server_port=port, share=share, inline=False,
-                                            prevent_thread_lock=True, quiet=True,
-                                            show_error=True)
-    url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/"
+    server_name = f"[{host}]" if ":" in host else host  # gradio builds http://{server_name}:{port} itself
+    _app, local_url, share_url = app.launch(server_name=server_name, server_port=port, share=share, inline=False,
+                                            prevent_thread_lock=True, quiet=True, show_error=True)
+    url = f"http://{url_host(host)}:{port}/"
     handle = WebUI(app, url, share_url)
     _live["webui"] = handle
     if block:
@@ -298,6 +296,63 @@ def launch(api_url: Any, port: int | None = None, block: bool = False, share: bo
         finally:
             handle.close()
     return handle
+
+
+# ----------------------------------------------------------------------------- driving the app from code
+
+def _ui_client(ui: Any):
+    """A gradio_client.Client for a running app: a Client as it is, a WebUI handle, or the app's URL."""
+    if hasattr(ui, "predict") and hasattr(ui, "submit"):
+        return ui
+    from gradio_client import Client
+
+    return Client(str(getattr(ui, "url", ui)), verbose=False)
+
+
+def _gen_args(gen: dict) -> list:
+    """max_new_tokens, top_p, top_k, temperature in the app's order (DEFAULTS for those not given)."""
+    unknown = set(gen) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown generation parameter(s) {', '.join(sorted(unknown))}: "
+                        f"the web UI has {', '.join(DEFAULTS)}")
+    return [gen.get(k, v) for k, v in DEFAULTS.items()]
+
+
+def pick_model(ui: Any) -> str | None:
+    """Fill the app's model picker from /v1/models (as the page does when it opens); the model it selects.
+
+    Through its /models API. The picker accepts only models it lists, and each client session has its own."""
+    picked = _ui_client(ui).predict(api_name="/models")
+    return picked.get("value") if isinstance(picked, dict) else picked
+
+
+def ask(ui: Any, message: str, model: str | None = None, history: list | None = None, files: list | tuple = (),
+        system: str = "", updates: list | None = None, **gen: Any) -> list:
+    """Send `message` (+ image `files`) through the app's /chat API, as its Send button does; the history after.
+
+    `ui`: a gradio_client.Client, a WebUI or the app's URL. The model picker is filled first (pick_model);
+    model=None takes the model it selects. `gen`: max_new_tokens, top_p, top_k, temperature (else DEFAULTS).
+    A list given as `updates` collects every streamed (textbox, history) update. A refusal (gr.Error in the
+    app) raises gradio_client's error with the app's message."""
+    client = _ui_client(ui)
+    if files:
+        from gradio_client import handle_file
+
+        message = {"text": message, "files": [handle_file(str(f)) for f in files]}
+    picked = pick_model(client)
+    model = picked if model is None else model
+    job = client.submit(message, list(history or []), model, system, *_gen_args(gen), api_name="/chat")
+    if updates is not None:
+        updates.extend(job)
+    return job.result()[1]
+
+
+def retry(ui: Any, history: list, model: str | None = None, system: str = "", **gen: Any) -> list:
+    """Regenerate the last reply of `history` through the app's /retry API (its Retry button); the new history."""
+    client = _ui_client(ui)
+    picked = pick_model(client)
+    model = picked if model is None else model
+    return client.predict(list(history), model, system, *_gen_args(gen), api_name="/retry")
 
 
 def _cli(args) -> int:

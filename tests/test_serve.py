@@ -1,8 +1,9 @@
 """Lab 02: the api_server manager, tools, web UI and load test, with real processes and ports (127.0.0.1).
 
 On CPU, lmdeploy's api_server dies while loading (no CUDA), which is itself one of the fault tests; the
-process-lifecycle tests use a stand-in server (a small HTTP server with a child process) started through
-the same code path (`Server(..., command=...)`): own process group, watchdog, registry, readiness wait.
+process-lifecycle tests use a stand-in server (a small HTTP server with a child process; it lists one model,
+streams a canned chat reply and can require an api key) started through the same code path
+(`Server(..., command=...)`): own process group, watchdog, registry, readiness wait.
 On a GPU, the real api_server is exercised by notebooks/02_serving.ipynb's gpu cells (the tool loop
 reaching 16 through the server's parser, the web UI driven by gradio_client, the load test, and the stop that
 gives GPU memory back) and by one gpu test here: a kernel killed while its real server runs.
@@ -28,40 +29,85 @@ from labkit.serve import ServerError, group_members
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STANDIN = textwrap.dedent('''
-    """Stand-in for lmdeploy's api_server: /v1/models, one child process, optional slow start / deaf to SIGTERM."""
-    import json, os, signal, subprocess, sys, time
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-    port, name = int(sys.argv[1]), sys.argv[2]
+STANDIN = textwrap.dedent(r"""
+    # Stand-in for lmdeploy's api_server: /v1/models, /v1/chat/completions (the same few words to everyone,
+    # after "[N image]" when the message has pictures; streamed or not), one child process; optional --key K
+    # (other keys get 401), slow start, deaf to SIGTERM.
+    import json, os, signal, socket, subprocess, sys, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    port, name, host = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)  # stays on this machine
+    key = sys.argv[sys.argv.index("--key") + 1] if "--key" in sys.argv else None
     if "--ignore-term" in sys.argv:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     print(f"standin {os.getpid()} child {child.pid}", flush=True)
     time.sleep(float(os.environ.get("STANDIN_DELAY", "0.2")))
+    WORDS = ["Hello", " from", " the", " stand-in."]
     class H(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"object": "list", "data": [{"id": name, "object": "model"}]}).encode()
-            self.send_response(200 if self.path == "/v1/models" else 404)
+        def send(self, code, obj):
+            body = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+        def refused(self):
+            if key is None or self.headers.get("Authorization") == f"Bearer {key}":
+                return False
+            self.send(401, {"error": {"message": "invalid api key", "type": "invalid_request_error"}})
+            return True
+        def do_GET(self):
+            if not self.refused():
+                self.send(200 if self.path == "/v1/models" else 404,
+                          {"object": "list", "data": [{"id": name, "object": "model"}]})
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+            if self.refused():
+                return
+            if self.path != "/v1/chat/completions":
+                return self.send(404, {"error": {"message": f"no route {self.path}"}})
+            last = (req.get("messages") or [{}])[-1].get("content")
+            images = sum(part.get("type") == "image_url" for part in last) if isinstance(last, list) else 0
+            words = ([f"[{images} image] "] if images else []) + WORDS  # says what pictures it got
+            words = words[:max(1, int(req.get("max_tokens") or len(words)))]
+            head = {"id": "standin", "created": 0, "model": req.get("model") or name}
+            if not req.get("stream"):
+                reply = {"role": "assistant", "content": "".join(words)}
+                return self.send(200, {**head, "object": "chat.completion",
+                                       "choices": [{"index": 0, "finish_reason": "stop", "message": reply}]})
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for word in words:
+                chunk = {**head, "object": "chat.completion.chunk",
+                         "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+                time.sleep(0.02)
+            self.wfile.write(b"data: [DONE]\n\n")
         def log_message(self, *a):
             pass
-    HTTPServer(("127.0.0.1", port), H).serve_forever()
-''')
-
-
-@pytest.fixture(scope="module")
-def model_dir():
-    import labkit
-
-    return labkit.resolve("generated:tiny-chat")
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    Server((host, port), H).serve_forever()
+""")
 
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory):
     path = tmp_path_factory.mktemp("standin") / "standin.py"
     path.write_text(STANDIN)
-    return [sys.executable, str(path), "{port}", "{name}"]
+    return [sys.executable, str(path), "{port}", "{name}", "{host}"]
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 def _name(tag: str) -> str:
@@ -84,7 +130,7 @@ def _wait_gone(pgid: int, timeout: float = 15.0) -> float:
 
 # ----------------------------------------------------------------------------- faults before anything starts
 
-def test_busy_port_is_reported_in_under_two_seconds(model_dir):
+def test_busy_port_is_reported_in_under_two_seconds(tiny_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -115,16 +161,25 @@ def test_bad_model_path_fails_before_any_process(tmp_path):
     (dict(tool_call_parser="qwen2.5"), "unknown tool-call parser"),
     (dict(extra_args="--tp 2"), "extra_args must be a list"),
 ])
-def test_bad_options_fail_before_any_process(model_dir, kwargs, match):
+def test_bad_options_fail_before_any_process(tiny_dir, kwargs, match):
     before = _children()
     with pytest.raises((ValueError, RuntimeError), match=match):
         serve.Server("generated:tiny-chat", name=_name("opts"), show=False, **kwargs)
     assert _children() == before
 
 
+def test_pytorch_engine_cache_ratio_of_one_fails_before_any_process(tiny_dir):
+    """The PyTorch engine's own rule (cache_ratio below 1) is checked once the backend is known, in the notebook."""
+    before, logs = _children(), set((serve.config.home() / "logs").glob("*"))
+    with pytest.raises(ValueError, match="below 1 for lmdeploy's PyTorch engine"):
+        serve.Server(tiny_dir, name=_name("ratio1"), backend="pytorch", cache_ratio=1.0, show=False)
+    assert _children() == before
+    assert set((serve.config.home() / "logs").glob("*")) == logs, "a log was started for a bad option"
+
+
 # ----------------------------------------------------------------------------- real lmdeploy dying while loading
 
-def test_lmdeploy_rejecting_an_option_reports_its_log_tail(model_dir):
+def test_lmdeploy_rejecting_an_option_reports_its_log_tail(tiny_dir):
     """Runs everywhere: lmdeploy's own argument parser fails within seconds."""
     name = _name("badarg")
     start = time.perf_counter()
@@ -138,7 +193,7 @@ def test_lmdeploy_rejecting_an_option_reports_its_log_tail(model_dir):
     assert not [e for e in serve.servers() if e["name"] == name], "the registry kept a dead server"
 
 
-def test_lmdeploy_without_gpu_dies_while_loading_and_says_why(model_dir):
+def test_lmdeploy_without_gpu_dies_while_loading_and_says_why(tiny_dir):
     from labkit.gpu import has_cuda
 
     if has_cuda():
@@ -158,17 +213,17 @@ def test_lmdeploy_without_gpu_dies_while_loading_and_says_why(model_dir):
 
 # ----------------------------------------------------------------------------- lifecycle (stand-in, same code path)
 
-def test_rerun_replaces_the_old_server_and_frees_its_port(model_dir, standin):
+def test_rerun_replaces_the_old_server_and_frees_its_port(tiny_dir, standin):
     name = _name("rerun")
-    first = serve.Server(model_dir, name=name, command=standin, show=False)
+    first = serve.Server(tiny_dir, name=name, command=standin, show=False)
     pgid, port = first.pgid, first.port
     assert len(group_members(pgid)) == 3  # watchdog, server, its child
     assert first.client().models.list().data[0].id == first.model_name
     entry = next(e for e in serve.servers() if e["name"] == name)
     assert entry["state"] == "running" and entry["port"] == port
     with pytest.raises(ServerError, match=f"labkit's server {name!r}"):
-        serve.Server(model_dir, name=_name("other"), port=port, command=standin, show=False)
-    second = serve.Server(model_dir, name=name, port=port, command=standin, show=False)  # same cell again
+        serve.Server(tiny_dir, name=_name("other"), port=port, command=standin, show=False)
+    second = serve.Server(tiny_dir, name=name, port=port, command=standin, show=False)  # same cell again
     try:
         assert first.stopped and not group_members(pgid), "the first server survived the re-run"
         assert second.alive and second.port == port
@@ -179,8 +234,8 @@ def test_rerun_replaces_the_old_server_and_frees_its_port(model_dir, standin):
     assert not [e for e in serve.servers() if e["name"] == name]
 
 
-def test_stop_escalates_to_sigkill_for_a_server_deaf_to_sigterm(model_dir, standin):
-    srv = serve.Server(model_dir, name=_name("deaf"), command=standin + ["--ignore-term"], show=False,
+def test_stop_escalates_to_sigkill_for_a_server_deaf_to_sigterm(tiny_dir, standin):
+    srv = serve.Server(tiny_dir, name=_name("deaf"), command=standin + ["--ignore-term"], show=False,
                        stop_grace=1.0)
     start = time.perf_counter()
     srv.stop()
@@ -189,8 +244,53 @@ def test_stop_escalates_to_sigkill_for_a_server_deaf_to_sigterm(model_dir, stand
     assert 0.9 < took < 6, f"stop took {took:.1f} s"
 
 
-def test_with_block_stops_and_log_tail_and_curl(model_dir, standin, monkeypatch, capsys):
-    with serve.Server(model_dir, name=_name("with"), command=standin, show=False) as srv:
+@pytest.mark.parametrize("host, expected", [
+    ("127.0.0.1", "127.0.0.1"), ("localhost", "localhost"), ("0.0.0.0", "127.0.0.1"), ("", "127.0.0.1"),
+    ("::", "[::1]"), ("::1", "[::1]"), ("fd00::5", "[fd00::5]"), ("[::1]", "[::1]")])
+def test_url_host_gives_an_address_httpx_can_reach(host, expected):
+    import httpx
+
+    assert serve.url_host(host) == expected
+    url = httpx.URL(f"http://{serve.url_host(host)}:23333/v1")  # "http://::1:23333" does not parse
+    assert url.port == 23333 and url.host == expected.strip("[]")
+
+
+def test_a_server_on_the_ipv6_loopback_answers_at_its_url(tiny_dir, standin):
+    """A real start on ::1 (the stand-in): client, registry, load test and web UI all reach http://[::1]:port."""
+    if not _has_ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback (::1) to listen on")
+    srv = serve.Server(tiny_dir, name=_name("ipv6"), host="::1", command=standin, show=False)
+    try:
+        assert srv.base_url == f"http://[::1]:{srv.port}"
+        assert srv.client().models.list().data[0].id == srv.model_name
+        assert [e["url"] for e in serve.servers() if e["name"] == srv.name] == [srv.base_url]
+        row = loadtest.run(srv, concurrency=2, requests=2, max_tokens=2, time_limit=20)
+        assert row["ok"] == 2, row
+        with webui.launch(srv, host="::1") as ui:  # the web UI on ::1 too, in front of it
+            assert ui.url.startswith("http://[::1]:")
+            assert webui.message_content(webui.ask(ui, "hi", max_new_tokens=2)[-1]["content"]) == "Hello from"
+    finally:
+        srv.stop()
+    assert not group_members(srv.pgid)
+
+
+def test_memory_gib_without_a_gpu_is_none_and_zero_once_stopped(tiny_dir, standin):
+    from labkit.gpu import gpus
+
+    srv = serve.Server(tiny_dir, name=_name("mem"), command=standin, show=False)
+    try:
+        if gpus():  # the stand-in holds no GPU memory: the rise measured at start, whatever it was
+            assert srv.memory_gib == pytest.approx((srv.memory_after - srv.memory_before) / 2**30)
+        else:
+            assert srv.memory_before is None and srv.memory_gib is None
+            assert srv.describe()["GPU memory GiB"] is None
+    finally:
+        srv.stop()
+    assert srv.memory_gib == 0.0
+
+
+def test_with_block_stops_and_log_tail_and_curl(tiny_dir, standin, monkeypatch, capsys):
+    with serve.Server(tiny_dir, name=_name("with"), command=standin, show=False) as srv:
         assert "standin" in srv.log_tail(5) and srv.pid in group_members(srv.pgid)
         assert serve.curl(f"{srv.openai_url}/models")["data"][0]["id"] == srv.model_name
         assert f"$ curl -sS --max-time 120 {srv.openai_url}/models" in capsys.readouterr().out
@@ -200,12 +300,12 @@ def test_with_block_stops_and_log_tail_and_curl(model_dir, standin, monkeypatch,
     assert srv.stopped and not group_members(srv.pgid)
 
 
-def test_sigterm_to_the_notebook_stops_the_server_and_chains_to_the_previous_handler(model_dir, standin):
+def test_sigterm_to_the_notebook_stops_the_server_and_chains_to_the_previous_handler(tiny_dir, standin):
     owner = textwrap.dedent(f"""
         import json, os, signal, sys, time
         signal.signal(signal.SIGTERM, lambda *a: print("previous handler ran", flush=True) or sys.exit(3))
         import labkit.serve as s
-        srv = s.Server({str(model_dir)!r}, name="sigterm-test", command={standin!r}, show=False)
+        srv = s.Server({str(tiny_dir)!r}, name="sigterm-test", command={standin!r}, show=False)
         print(json.dumps({{"pgid": srv.pgid}}), flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(30)
@@ -216,10 +316,10 @@ def test_sigterm_to_the_notebook_stops_the_server_and_chains_to_the_previous_han
     _wait_gone(pgid, timeout=10)
 
 
-def test_server_started_from_a_worker_thread_outlives_the_thread(model_dir, standin):
+def test_server_started_from_a_worker_thread_outlives_the_thread(tiny_dir, standin):
     """Why the watchdog polls its parent instead of relying on PR_SET_PDEATHSIG: that follows the thread."""
     box = {}
-    t = threading.Thread(target=lambda: box.update(srv=serve.Server(model_dir, name=_name("thread"),
+    t = threading.Thread(target=lambda: box.update(srv=serve.Server(tiny_dir, name=_name("thread"),
                                                                      command=standin, show=False)))
     t.start()
     t.join()
@@ -245,7 +345,7 @@ def _kernel_run(kc, code: str, timeout: float = 60) -> tuple[str, dict]:
 
 
 @pytest.mark.parametrize("how", ["shutdown", "killed"])
-def test_kernel_that_goes_leaves_no_server(model_dir, standin, how):
+def test_kernel_that_goes_leaves_no_server(tiny_dir, standin, how):
     """A Jupyter kernel that shuts down (atexit) or is killed (the watchdog) takes its server with it;
     Ctrl-C (interrupt) while a server loads stops that server."""
     from jupyter_client import KernelManager
@@ -257,7 +357,7 @@ def test_kernel_that_goes_leaves_no_server(model_dir, standin, how):
     try:
         kc.wait_for_ready(timeout=60)
         name = _name(f"kernel-{how}")
-        start_cell = (f"import labkit.serve as s\nsrv = s.Server({str(model_dir)!r}, name={name!r}, "
+        start_cell = (f"import labkit.serve as s\nsrv = s.Server({str(tiny_dir)!r}, name={name!r}, "
                       f"command={standin!r}, show=False)\nprint('PGID', srv.pgid, 'LOG', srv.log_path)")
         if how == "shutdown":  # first: interrupt a server that is still loading
             def interrupt_once_loading():  # Ctrl-C once the server process runs and waits for /v1/models
@@ -291,7 +391,7 @@ def test_kernel_that_goes_leaves_no_server(model_dir, standin, how):
 
 
 @pytest.mark.gpu
-def test_killed_kernel_takes_a_real_api_server_and_its_gpu_memory(model_dir):
+def test_killed_kernel_takes_a_real_api_server_and_its_gpu_memory(tiny_dir):
     """The real `lmdeploy serve api_server` (with the engine process it spawns), started from a Jupyter
     kernel that is then killed: the watchdog stops the whole group and the GPU memory comes back."""
     from jupyter_client import KernelManager
@@ -308,7 +408,7 @@ def test_killed_kernel_takes_a_real_api_server_and_its_gpu_memory(model_dir):
         kc.wait_for_ready(timeout=60)
         name = _name("kernel-real")
         out, content = _kernel_run(kc, (
-            f"import labkit.serve as s\nsrv = s.Server({str(model_dir)!r}, name={name!r}, cache_ratio=0.05, "
+            f"import labkit.serve as s\nsrv = s.Server({str(tiny_dir)!r}, name={name!r}, cache_ratio=0.05, "
             f"eager=True, show=False)\nprint('PGID', srv.pgid, 'ANSWER', bool(s.curl(srv.base_url + '/v1/models')))"),
             timeout=300)
         assert content["status"] == "ok", out
@@ -326,16 +426,16 @@ def test_killed_kernel_takes_a_real_api_server_and_its_gpu_memory(model_dir):
     print(f"killed kernel: {len(members)} server processes gone {took:.1f} s later; GPU memory "
           f"{before / 2**20:.0f} MiB before, {serving / 2**20:.0f} MiB serving, {after / 2**20:.0f} MiB after")
     assert after <= before + 512 * 2**20, f"GPU memory did not come back: {after / 2**20:.0f} MiB"
-    assert not [p for p in serve.lmdeploy_processes() if name in p["cmdline"] or str(model_dir) in p["cmdline"]]
+    assert not [p for p in serve.lmdeploy_processes() if name in p["cmdline"] or str(tiny_dir) in p["cmdline"]]
 
 
-def test_labkit_servers_lists_and_stops_a_stray(model_dir, standin, tmp_path):
+def test_labkit_servers_lists_and_stops_a_stray(tiny_dir, standin, tmp_path):
     """A stray: its kernel died and so did its watchdog, and the server ignores SIGTERM."""
     env = dict(os.environ, LABKIT_HOME=str(tmp_path))
     owner = textwrap.dedent(f"""
         import json, os, signal, sys
         import labkit.serve as s
-        srv = s.Server({str(model_dir)!r}, name="stray-one", command={standin + ['--ignore-term']!r}, show=False)
+        srv = s.Server({str(tiny_dir)!r}, name="stray-one", command={standin + ['--ignore-term']!r}, show=False)
         print(json.dumps({{"pgid": srv.pgid, "port": srv.port}}), flush=True)
         os.kill(srv.pgid, signal.SIGKILL)   # the watchdog dies (its child ignores the SIGTERM that follows)
         srv._proc.wait()
@@ -360,8 +460,27 @@ def test_labkit_servers_lists_and_stops_a_stray(model_dir, standin, tmp_path):
         serve._signal_group(info["pgid"], signal.SIGKILL)
 
 
-def test_open_to_the_network_warns(model_dir, standin, capsys):
-    srv = serve.Server(model_dir, name=_name("open"), host="0.0.0.0", api_keys="sk-lab", command=standin,
+def test_labkit_servers_stop_keeps_running_servers_unless_named(tiny_dir, standin, tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_HOME", str(tmp_path))  # this test's own registry
+    name = _name("cli")
+    srv = serve.Server(tiny_dir, name=name, command=standin, show=False)
+    cli = [sys.executable, "-m", "labkit.cli", "servers", "--stop", "--grace", "1"]
+    try:
+        kept = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+        assert kept.returncode == 0 and "stopped" not in kept.stdout, kept
+        assert "kept 1 server(s) whose notebook still runs: add --all" in kept.stdout, kept
+        assert srv.alive
+        named = subprocess.run(cli + [name, "no-such-server"], capture_output=True, text=True, timeout=60)
+        assert named.returncode == 0 and f"stopped {name!r}" in named.stdout, named
+        assert "no server called 'no-such-server'" in named.stdout and "kept" not in named.stdout, named
+        _wait_gone(srv.pgid)
+        assert serve.servers() == []
+    finally:
+        srv.stop(quiet=True)
+
+
+def test_open_to_the_network_warns(tiny_dir, standin, capsys):
+    srv = serve.Server(tiny_dir, name=_name("open"), host="0.0.0.0", api_keys="sk-lab", command=standin,
                        show=False)
     try:
         assert srv.base_url.startswith("http://127.0.0.1:") and srv.api_key == "sk-lab"
@@ -370,20 +489,20 @@ def test_open_to_the_network_warns(model_dir, standin, capsys):
     assert "WARNING: the server listens on 0.0.0.0" in capsys.readouterr().out
 
 
-def test_api_server_command_line_is_what_lmdeploy_accepts(model_dir):
+def test_api_server_command_line_is_what_lmdeploy_accepts(tiny_dir):
     """The command labkit builds, parsed by lmdeploy 0.18's own CLI parser (nothing runs)."""
     from lmdeploy.cli.cli import CLI
     from lmdeploy.cli.serve import SubCliServe
 
     if "api_server" not in SubCliServe.subparsers.choices:
         SubCliServe.add_parser_api_server()
-    argv = serve.api_server_args(model_dir, host="0.0.0.0", port=23333, backend="pytorch", model_name="tiny-chat",
+    argv = serve.api_server_args(tiny_dir, host="0.0.0.0", port=23333, backend="pytorch", model_name="tiny-chat",
                                  cache_ratio=0.4, quant_policy=8, session_len=4096, eager=True,
                                  tool_call_parser="qwen", api_keys=["k1", "k2"])
     assert argv[:3] == ["lmdeploy", "serve", "api_server"]
     args = CLI.parser.parse_args(argv[1:])
-    assert (args.model_path, args.server_name, args.server_port, args.backend) == (str(model_dir), "0.0.0.0", 23333,
-                                                                                    "pytorch")
+    assert (args.model_path, args.server_name, args.server_port, args.backend) == (str(tiny_dir), "0.0.0.0", 23333,
+                                                                                   "pytorch")
     assert (args.model_name, args.cache_max_entry_count, args.quant_policy, args.session_len) == (
         "tiny-chat", 0.4, 8, 4096)
     assert args.eager_mode and args.tool_call_parser == "qwen" and args.api_keys == ["k1", "k2"]
@@ -404,8 +523,8 @@ def test_parser_names_match_lmdeploy():
     assert set(tools.PARSERS) == set(ToolParserManager.module_dict)
 
 
-def test_parser_for_models(model_dir):
-    assert tools.parser_for("generated:tiny-chat", model_dir) == "qwen"
+def test_parser_for_models(tiny_dir):
+    assert tools.parser_for("generated:tiny-chat", tiny_dir) == "qwen"
     assert tools.parser_for("internlm2_5-1_8b-chat") == "internlm"
 
 
@@ -439,7 +558,7 @@ def test_invalid_tool_calls_become_clear_messages():
     assert "must be a number" in tools.call_tool("mul", {"a": "__import__('os')", "b": 2})[1]
 
 
-def test_forced_rounds_admit_exactly_the_wanted_call(model_dir):
+def test_forced_rounds_admit_exactly_the_wanted_call(tiny_dir):
     """lmdeploy's grammar for tool_choice='required' (xgrammar, as the engine compiles it for this tokenizer)
     accepts the planned call and nothing else."""
     import xgrammar as xgr
@@ -455,7 +574,7 @@ def test_forced_rounds_admit_exactly_the_wanted_call(model_dir):
     req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "q"}], tools=plan[0]["tools"],
                                 tool_choice="required")
     fmt = cls(req).request.response_format
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
     grammar = compile_response_format(xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok)), fmt)
     good = '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 5}}\n</tool_call>'
     assert xgr.GrammarMatcher(grammar).accept_string(good)
@@ -490,6 +609,23 @@ def test_loadtest_counts_failures_without_a_server():
     assert row["ok"] == 0 and row["failed"] == 4 and "Connection" in row["first error"]
 
 
+def test_loadtest_sends_the_key_of_a_keyed_server(tiny_dir, standin, monkeypatch):
+    """A URL gets OPENAI_API_KEY for its requests as for its model list (a Server: its own key)."""
+    srv = serve.Server(tiny_dir, name=_name("keyed"), api_keys="sk-lab", command=standin + ["--key", "sk-lab"],
+                       show=False)
+    try:
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-lab")
+        row = loadtest.run(srv.base_url, concurrency=2, requests=4, max_tokens=3, time_limit=20)
+        assert row["ok"] == 4 and row["first error"] is None, row
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
+        row = loadtest.run(srv, concurrency=1, requests=2, max_tokens=3, time_limit=20)
+        assert row["ok"] == 2, row
+        row = loadtest.run(srv.base_url, concurrency=1, requests=2, model=srv.model_name, time_limit=20)
+        assert row["ok"] == 0 and "AuthenticationError" in row["first error"], row  # the stand-in checks keys
+    finally:
+        srv.stop()
+
+
 def test_webui_messages_and_parts(tmp_path):
     img = tmp_path / "dot.png"
     img.write_bytes(b"\x89PNG\r\n\x1a\n")
@@ -506,13 +642,13 @@ def test_webui_messages_and_parts(tmp_path):
         webui.launch("localhost:23333")
 
 
-def test_webui_launches_without_blocking_and_answers_its_api(model_dir, standin, capfd):
+def test_webui_launches_without_blocking_and_answers_its_api(tiny_dir, standin, capfd):
     """The app starts in the background; its API answers: model picker (from the stand-in's /v1/models),
     clear, undo; a chat without a model, or without a server, says why (in the UI, with no traceback in
     the notebook's output)."""
     from gradio_client import Client
 
-    srv = serve.Server(model_dir, name=_name("ui"), command=standin, show=False)
+    srv = serve.Server(tiny_dir, name=_name("ui"), command=standin, show=False)
     start = time.perf_counter()
     ui = webui.launch(srv)
     try:
@@ -536,3 +672,49 @@ def test_webui_launches_without_blocking_and_answers_its_api(model_dir, standin,
         srv.stop()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(ui.url.rsplit(":", 1)[1].strip("/"))), timeout=2).close()
+
+
+def test_webui_ask_and_retry_drive_the_app_and_a_rerun_replaces_it(tiny_dir, standin):
+    """ask / retry through gradio_client, as notebooks 02 and 05 do: the model comes from the app's picker,
+    the reply streams in from the (stand-in) server; launching again closes the earlier app."""
+    srv = serve.Server(tiny_dir, name=_name("ask"), command=standin, show=False)
+    first = webui.launch(srv)
+    try:
+        assert webui.pick_model(first) == srv.model_name
+        updates: list = []
+        history = webui.ask(first, "hi", updates=updates, max_new_tokens=3)
+        assert [m["role"] for m in history] == ["user", "assistant"]
+        assert webui.message_content(history[-1]["content"]) == "Hello from the"
+        assert len(updates) > 1, "the reply did not stream"
+        again = webui.retry(first.url, history, srv.model_name, max_new_tokens=2)
+        assert [m["role"] for m in again] == ["user", "assistant"]
+        assert webui.message_content(again[-1]["content"]) == "Hello from"
+        with pytest.raises(TypeError, match="unknown generation parameter"):
+            webui.ask(first, "hi", max_tokens=3)
+        second = webui.launch(srv)  # the same cell again
+        second.close()
+    finally:
+        first.close()
+        srv.stop()
+    for ui in (first, second):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", int(ui.url.rsplit(":", 1)[1].strip("/"))), timeout=2).close()
+
+
+def test_webui_vision_ask_sends_pictures_and_refuses_a_corrupt_one(tiny_dir, standin):
+    """Notebook 05's web UI calls on CPU: an uploaded picture reaches the server as an image part; a corrupt
+    one is refused by labkit.vision in the app, with its message, and never sent."""
+    from labkit.vision import sample_images
+
+    paths = sample_images()
+    srv = serve.Server(tiny_dir, name=_name("vision-ui"), command=standin, show=False)
+    try:
+        with webui.launch(srv, vision=True) as ui:
+            chat = webui.ask(ui, "What is in this picture?", srv.model_name, files=[paths["chart"]],
+                             max_new_tokens=3)
+            assert [m["role"] for m in chat] == ["user", "assistant"], chat  # what notebook 05 checks
+            assert webui.message_content(chat[-1]["content"]) == "[1 image] Hello from"
+            with pytest.raises(Exception, match="corrupt or truncated"):
+                webui.ask(ui, "And this one?", files=[paths["corrupt"]], max_new_tokens=3)
+    finally:
+        srv.stop()
