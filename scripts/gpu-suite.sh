@@ -11,7 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # By default every notebook and every test marked `gpu`; CPU-only unit tests run in CI (make test).
-# `--part 1` / `--part 2` split it in two halves of about 4 and 6 minutes (for a runner that allows
+# `--part 1` / `--part 2` split it in two halves of about 4 and 7 minutes (for a runner that allows
 # 10 minutes a command); or name test files / notebooks (and pytest options) yourself.
 case "${1:-}" in
   "") set -- notebooks tests -m "gpu or notebook" ;;
