@@ -33,7 +33,8 @@ def setup(lab: str) -> None:
         where = f"GPU {g.name}, {g.free_gib:.1f} of {g.total_gib:.1f} GiB free"
     else:
         where = "no CUDA GPU: cells marked %%gpu print a note and are skipped"
-    print(f"LMDeploy Lab {lab} | profile {config.profile()} | lmdeploy {lmd} | {where}")
+    student = evidence.student_id() or "not set (`labkit submit` asks for it)"
+    print(f"LMDeploy Lab {lab} | profile {config.profile()} | lmdeploy {lmd} | {where} | student {student}")
 
 
 def run_body(shell, body: str):
@@ -66,8 +67,8 @@ def register_magics(shell) -> None:
 
 
 def check(what: str, passed: bool, detail: str = "", fix: str = "") -> None:
-    """A lab check: prints a pass line, or raises LabCheckFailed with what to try."""
+    """A lab check: records its result (pass or fail, with the detail), then raises LabCheckFailed if it failed."""
+    passed = bool(passed)
+    evidence.record_check(what, passed, detail, fix)
     if not passed:
-        msg = f"FAILED: {what}" + (f" ({detail})" if detail else "") + (f"\nWhat to try: {fix}" if fix else "")
-        raise LabCheckFailed(msg)
-    print(f"ok   {what}" + (f"  ({detail})" if detail else ""))
+        raise LabCheckFailed(evidence.check_line(what, passed, detail) + (f"\nWhat to try: {fix}" if fix else ""))
