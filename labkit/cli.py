@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Modules whose add_cli(sub) adds sub-commands: `labkit servers`, `labkit webui` (lab 02).
-_EXTENSION_MODULES = ["labkit.serve", "labkit.webui"]
+# Modules whose add_cli(sub) adds sub-commands: `labkit servers`, `labkit webui` (lab 02), `labkit submit`,
+# `labkit grade` (instructors).
+_EXTENSION_MODULES = ["labkit.serve", "labkit.webui", "labkit.submit", "labkit.grade"]
 
 
 def run_script(main_fn) -> int:
