@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from labkit.grade import Grade
 
 COLOURS = {"passed": "#d4edda", "failed": "#fff3cd", "missing": "#eeeeee", "flagged": "#f8d7da"}
-CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}.wide{overflow-x:auto}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}
 th{background:#f4f4f4}.plots img{max-width:48%;margin:0 1% 1em 0;border:1px solid #eee}
 h2{border-bottom:2px solid #ddd;padding-bottom:4px}.flag{color:#a00}.warn{color:#8a6d00}li{margin:2px 0}"""
@@ -125,7 +125,7 @@ def plots(grades: list[Grade], rubric: Rubric) -> list[str]:
             ax.bar(students, vals, bottom=bottom, label=lab)
             bottom = [b + v for b, v in zip(bottom, vals)]
     if students:
-        ax.set_ylabel("minutes (first to last record)")
+        ax.set_ylabel("minutes, first to last record")
         ax.legend(fontsize=7)
         ax.tick_params(axis="x", rotation=30)
     ax.set_title("Time spent per lab")
@@ -143,8 +143,10 @@ def _student(g: Grade) -> str:
 
     lines = "".join(f"<li class='{'flag' if k in UNCREDIT else 'warn'}'>{e(WHY.get(k, 'note'))}: {e(t)}</li>"
                     for k, t in notes)
-    missing = [r.item.title for r in g.items if r.status == "missing"]
+    absent = sorted({r.item.notebook for r in g.items if r.status == "missing" and r.item.notebook not in g.records})
+    missing = [r.item.title for r in g.items if r.status == "missing" and r.item.notebook in g.records]
     summary = (f"{len(passed)} of {len(g.items)} items passed, {g.total:g} points. "
+               + (f"Labs not handed in: {', '.join(absent)}. " if absent else "")
                + (f"Missing: {', '.join(missing)}. " if missing else "")
                + ("Nothing looks wrong." if not notes else f"{len(notes)} thing(s) to look at below."))
     rerun = "".join(f"<li>{e(t)}</li>" for t in g.rerun)
@@ -157,7 +159,8 @@ def _student(g: Grade) -> str:
 def write_report(grades: list[Grade], rubric: Rubric, path: Path) -> Path:
     """Write the class report to `path`."""
     e = html.escape
-    head = "".join(f"<th title='{e(i.title)}'>{e(i.id)}<br><small>{i.points:g}</small></th>" for i in rubric.items)
+    head = "".join(f"<th title='{e(i.title)}'>{e(i.id).replace('_', '_<wbr>')}<br><small>{i.points:g}</small></th>"
+                   for i in rubric.items)
     body = "".join(
         f"<tr><td><a href='#s-{e(g.student)}'>{e(g.student)}</a></td>"
         + "".join(f"<td style='background:{COLOURS[r.status]}' title='{e(r.text)}'>{r.score:g}</td>" for r in g.items)
@@ -169,7 +172,8 @@ def write_report(grades: list[Grade], rubric: Rubric, path: Path) -> Path:
             f"<p>{len(grades)} submissions graded against {e(rubric.path.name)} ({rubric.max_points:g} points) on "
             f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. Evidence is tamper-evident, not tamper-proof: see "
             f"the README's 'For instructors'.</p><h2>Class</h2><p>{legend}</p>"
-            f"<table><tr><th>student</th>{head}<th>total</th><th>verdict</th><th>flags</th></tr>{body}</table>"
+            f"<div class='wide'><table><tr><th>student</th>{head}<th>total</th><th>verdict</th><th>flags</th></tr>"
+            f"{body}</table></div>"
             f"<div class='plots'>{''.join(plots(grades, rubric))}</div><h2>Students</h2>"
             + "".join(_student(g) for g in grades) + "</body></html>")
     path.write_text(page, encoding="utf-8")

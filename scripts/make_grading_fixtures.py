@@ -4,9 +4,13 @@
     python scripts/make_grading_fixtures.py execute --work /tmp/lkfix
     # 2. pack the submissions, with the doctored ones derived from the real runs
     python scripts/make_grading_fixtures.py pack --work /tmp/lkfix --out tests/data/grading
-    # or: from the GPU suite's executed notebooks (scripts/gpu-suite.sh writes executed-notebooks.zip)
-    python scripts/make_grading_fixtures.py pack --from-zip artifacts/gpu-suite/executed-notebooks.zip \
-        --out tests/data/grading-gpu
+    # on the GPU machine (gpu cells run): alice's run only, in two halves of under 10 minutes each
+    python scripts/make_grading_fixtures.py execute --work $OUT/grading-runs --students alice --labs 00_setup 01_chat 02_serving 03_awq
+    python scripts/make_grading_fixtures.py execute --work $OUT/grading-runs --students alice --labs 04_kv_cache 05_vision 06_playground
+    python scripts/make_grading_fixtures.py pack --work .../grading-runs --out tests/data/grading-gpu
+    labkit grade tests/data/grading-gpu/class --rubric grading/rubric-gpu-suite.toml --out grades-gpu
+    # --from-zip takes executed notebooks from a zip; the GPU suite's executed-notebooks.zip does not do:
+    # nbval saves no execution counts, so the evidence cannot match its cells (it says so)
 
 Fixture students (class/ is graded with grading/rubric-cpu.toml, course/ with grading/rubric.toml):
   alice  complete: every lab, run top to bottom      carol  partial: labs 00 and 04 only
@@ -48,7 +52,7 @@ RUNS = {  # student -> (labs, extra environment)
 KEEP_MIME = ("text/plain", evidence.MIME)
 
 
-def execute(work: Path, students: list[str], timeout: int) -> None:
+def execute(work: Path, students: list[str], timeout: int, only: list[str] | None = None) -> None:
     """Run each student's labs with nbclient (a fresh kernel each), saving the executed notebooks."""
     import nbformat
     from nbclient import NotebookClient
@@ -62,7 +66,7 @@ def execute(work: Path, students: list[str], timeout: int) -> None:
         labs, extra = RUNS[student]
         out = work / student
         out.mkdir(parents=True, exist_ok=True)
-        for lab in labs:
+        for lab in [x for x in labs if not only or x in only]:
             nb = nbformat.read(REPO / "notebooks" / f"{lab}.ipynb", as_version=4)
             env = {"LABKIT_STUDENT": student, **extra}
             saved = {k: os.environ.get(k) for k in env}
@@ -165,8 +169,13 @@ def load_dir(folder: Path) -> dict[str, dict]:
 def load_zip(path: Path) -> dict[str, dict]:
     """name.ipynb -> notebook dict for every notebook in a zip (e.g. the GPU suite's executed-notebooks.zip)."""
     with zipfile.ZipFile(path) as zf:
-        return {Path(n).name: json.loads(zf.read(n)) for n in zf.namelist()
-                if n.endswith(".ipynb") and re.match(r"\d\d_", Path(n).name)}
+        nbs = {Path(n).name: json.loads(zf.read(n)) for n in zf.namelist()
+               if n.endswith(".ipynb") and re.match(r"\d\d_", Path(n).name)}
+    counted = [c.get("execution_count") for nb in nbs.values() for c in nb["cells"] if c.get("cell_type") == "code"]
+    if not nbs or all(n is None for n in counted):
+        raise SystemExit(f"{path}: these notebooks carry no execution counts (nbval does not save them), so "
+                         "their evidence cannot match: run `execute` on the GPU machine instead (see --help)")
+    return nbs
 
 
 def pack(runs: dict[str, dict[str, dict]], out: Path) -> None:
@@ -180,13 +189,13 @@ def pack(runs: dict[str, dict[str, dict]], out: Path) -> None:
         if name in runs:
             subs[name] = ("class", runs[name])
     subs["dan"] = ("class", {k: clear(v) for k, v in alice.items()})
-    erin = runs.get("erin", alice)
-    subs["erin"] = ("class", {k: edit_record(v, "awq", _smaller_awq) if k == "03_awq.ipynb" else v
+    erin = runs.get("erin", alice)  # without their own runs, the doctored copies of alice's go to folders of their own
+    subs["erin"] = ("class" if "erin" in runs else "solo-erin", {k: edit_record(v, "awq", _smaller_awq) if k == "03_awq.ipynb" else v
                               for k, v in erin.items()})
     frank = runs.get("frank", alice)
     old = next(r["values"]["reply"] for _, _, r in evidence.outputs(frank["06_playground.ipynb"])
                if r.get("step") == "playground")
-    subs["frank"] = ("class", {k: edit_record(v, "playground", _other_reply, (old, NEW_REPLY))
+    subs["frank"] = ("class" if "frank" in runs else "solo-frank", {k: edit_record(v, "playground", _other_reply, (old, NEW_REPLY))
                                if k == "06_playground.ipynb" else v for k, v in frank.items()})
     subs["gina"] = ("copied", {k: rehash(copy.deepcopy(v), student="gina") for k, v in alice.items()})
     if "ivan" in runs:
@@ -205,13 +214,14 @@ def main() -> int:
     e.add_argument("--work", type=Path, required=True)
     e.add_argument("--students", nargs="*", default=list(RUNS))
     e.add_argument("--timeout", type=int, default=900)
+    e.add_argument("--labs", nargs="*", help="only these labs (e.g. 00_setup 01_chat), to split a long run")
     k = sub.add_parser("pack")
     k.add_argument("--work", type=Path)
     k.add_argument("--from-zip", type=Path, help="executed-notebooks.zip of the GPU suite: used as alice's run")
     k.add_argument("--out", type=Path, default=REPO / "tests" / "data" / "grading")
     args = p.parse_args()
     if args.cmd == "execute":
-        execute(args.work, args.students, args.timeout)
+        execute(args.work, args.students, args.timeout, args.labs)
         return 0
     runs = {s: load_dir(args.work / s) for s in RUNS if args.work and (args.work / s).is_dir()}
     if args.from_zip:
