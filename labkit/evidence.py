@@ -232,6 +232,11 @@ def record(step: str, **values: Any) -> None:
     show({"text/plain": plain, "text/html": f"<b>{html.escape(title)}</b><table>{table}</table>", MIME: entry})
 
 
+def record_start(line: str, **values: Any) -> None:
+    """The first record of a lab (labkit.setup): shows `line`; later records chain to it, the report times from it."""
+    show({"text/plain": line, MIME: make_entry("start", "start", values, line)})
+
+
 def check_line(what: str, passed: bool, detail: str = "") -> str:
     """The line a check shows: `ok   what  (detail)` or `FAILED: what (detail)`."""
     if passed:

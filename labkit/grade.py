@@ -133,7 +133,8 @@ def analyse(sub: Submission, rubric: Rubric) -> tuple[dict[str, list[Finding]], 
                 fs.append(Finding("warn", f"{lab}: {why}"))
             fs += [Finding("raised", f"{lab}: raised in {line}") for line in raised]
             fs += [Finding(f.kind, f"{lab}: {f.text}", f.step) for f in integrity.verify(nb, lab, sub.student)]
-            fs += [Finding(f.kind, f"{lab}: {f.text}", f.step) for f in crosscheck.contradictions(recs, rubric.integrity)]
+            fs += [Finding(f.kind, f"{lab}: {f.text}", f.step)
+                   for f in crosscheck.contradictions(recs, rubric.integrity)]
             if recs and all(r.get("student") is None for r in recs):
                 fs.append(Finding("warn", f"{lab}: its records carry no student id (run before it was set)"))
             gen = integrity.generated_models(recs)
@@ -150,8 +151,10 @@ def score_item(item: Item, findings: dict[str, list[Finding]], records: dict[str
     lab = item.notebook
     if lab not in records:
         return ItemResult(item, 0.0, "missing", f"{lab} was not handed in")
-    blocking = [f for f in findings.get(lab, []) + findings.get("submission", [])
-                if f.kind in UNCREDIT and (f.kind != "generated" or item.course_model)]
+    whole = sorted({WHY[f.kind] for f in findings.get("submission", []) if f.kind in UNCREDIT})
+    if whole:
+        return ItemResult(item, 0.0, "flagged", f"not credited: {'; '.join(whole)} (see below)")
+    blocking = [f for f in findings.get(lab, []) if f.kind in UNCREDIT and (f.kind != "generated" or item.course_model)]
     if blocking:
         return ItemResult(item, 0.0, "flagged", "not credited: " + "; ".join(f.text for f in blocking[:3]))
     recs = records[lab]

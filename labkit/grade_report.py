@@ -21,7 +21,8 @@ CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}
 th{background:#f4f4f4}.plots img{max-width:48%;margin:0 1% 1em 0;border:1px solid #eee}
 h2{border-bottom:2px solid #ddd;padding-bottom:4px}.flag{color:#a00}.warn{color:#8a6d00}li{margin:2px 0}"""
-SPEEDS = [("homework-story", "tokens_per_s"), ("homework-story-api", "tokens_per_s"), ("baseline", "reply_tokens_per_s")]
+SPEEDS = [("homework-story", "tokens_per_s"), ("homework-story-api", "tokens_per_s"),
+          ("baseline", "reply_tokens_per_s")]
 MEMORY = [("homework-w4a16-kv-int4", "gpu_memory_gib", "W4A16 + int4 KV server"),
           ("chat-speed", "engine_memory_gib", "lab 01 engine"),
           ("awq-gpu", "table[1].GPU memory GiB", "AWQ engine")]
@@ -100,7 +101,7 @@ def plots(grades: list[Grade], rubric: Rubric) -> list[str]:
             ax.set_xticks(range(1, len(keys) + 1), keys, fontsize=7)
             ax.set_ylabel(unit)
         else:
-            ax.text(0.5, 0.5, "no such figures in these submissions\n(they come from GPU runs)", ha="center",
+            ax.text(0.5, 0.5, "no such figures in the unflagged submissions\n(they come from GPU runs)", ha="center",
                     va="center", transform=ax.transAxes)
             ax.set_axis_off()
         ax.set_title(title)
@@ -112,23 +113,25 @@ def plots(grades: list[Grade], rubric: Rubric) -> list[str]:
         ax.set_ylabel("AWQ size / original size")
         ax.tick_params(axis="x", rotation=30)
     else:
-        ax.text(0.5, 0.5, "no AWQ evidence", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no unflagged AWQ evidence", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
     ax.set_title("AWQ size ratio on disk")
     out.append(_png(fig))
     fig, ax = plt.subplots(figsize=(6, 3))
-    students = [s for s in sorted(minutes)]
+    students = sorted(minutes)
     bottom = [0.0] * len(students)
+    longest = max([sum(m.values()) for m in minutes.values()] or [0])
+    scale, unit = (1, "minutes") if longest >= 2 else (60, "seconds")
     for lab in labs:
-        vals = [minutes[s].get(lab, 0.0) for s in students]
+        vals = [minutes[s].get(lab, 0.0) * scale for s in students]
         if any(vals):
             ax.bar(students, vals, bottom=bottom, label=lab)
             bottom = [b + v for b, v in zip(bottom, vals)]
     if students:
-        ax.set_ylabel("minutes, first to last record")
+        ax.set_ylabel(f"{unit}, first to last record")
         ax.legend(fontsize=7)
         ax.tick_params(axis="x", rotation=30)
-    ax.set_title("Time spent per lab")
+    ax.set_title("Time spent per lab (unflagged evidence)")
     out.append(_png(fig))
     return out
 
@@ -163,8 +166,9 @@ def write_report(grades: list[Grade], rubric: Rubric, path: Path) -> Path:
                    for i in rubric.items)
     body = "".join(
         f"<tr><td><a href='#s-{e(g.student)}'>{e(g.student)}</a></td>"
+        + f"<td><b>{g.total:g}</b></td><td>{e(g.verdict)}</td><td class='flag'>{e(', '.join(g.flags()))}</td>"
         + "".join(f"<td style='background:{COLOURS[r.status]}' title='{e(r.text)}'>{r.score:g}</td>" for r in g.items)
-        + f"<td><b>{g.total:g}</b></td><td>{e(g.verdict)}</td><td class='flag'>{e(', '.join(g.flags()))}</td></tr>"
+        + "</tr>"
         for g in grades)
     legend = " ".join(f"<span style='background:{c};padding:2px 6px'>{k}</span>" for k, c in COLOURS.items())
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(rubric.title)}: grades</title>"
@@ -172,7 +176,9 @@ def write_report(grades: list[Grade], rubric: Rubric, path: Path) -> Path:
             f"<p>{len(grades)} submissions graded against {e(rubric.path.name)} ({rubric.max_points:g} points) on "
             f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. Evidence is tamper-evident, not tamper-proof: see "
             f"the README's 'For instructors'.</p><h2>Class</h2><p>{legend}</p>"
-            f"<div class='wide'><table><tr><th>student</th>{head}<th>total</th><th>verdict</th><th>flags</th></tr>"
+            f"<div class='wide'><table><tr><th>student</th><th>total<br><small>{rubric.max_points:g}</small></th>"
+            "<th>verdict</th>"
+            f"<th>flags</th>{head}</tr>"
             f"{body}</table></div>"
             f"<div class='plots'>{''.join(plots(grades, rubric))}</div><h2>Students</h2>"
             + "".join(_student(g) for g in grades) + "</body></html>")

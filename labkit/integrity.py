@@ -126,9 +126,11 @@ def verify(nb: dict, notebook: str, student: str | None) -> list[Finding]:
             found.append(Finding("tampered", f"cell {ci + 1}: the text shown for {step} is not what labkit "
                                              "displayed (edited output)", step))
         session = rec.get("session")
-        if rec.get("prev_sha256") != prev_by_session.get(session) or rec.get("seq", 0) <= seq_by_session.get(session, 0):
+        if rec.get("prev_sha256") != prev_by_session.get(session) or \
+                rec.get("seq", 0) <= seq_by_session.get(session, 0):
             found.append(Finding("chain", f"cell {ci + 1}: record {step} does not follow the record before it "
-                                          "(records removed, reordered or pasted in from another run)", step))
+                                          "(records removed, reordered, pasted in from another run, or cells "
+                                          "re-run without a kernel restart)", step))
         prev_by_session[session], seq_by_session[session] = rec.get("sha256"), rec.get("seq", 0)
         if rec.get("notebook") != lab_name(notebook):
             found.append(Finding("tampered", f"cell {ci + 1}: record {step} was made in lab "

@@ -34,7 +34,8 @@ def setup(lab: str) -> None:
     else:
         where = "no CUDA GPU: cells marked %%gpu print a note and are skipped"
     student = evidence.student_id() or "not set (`labkit submit` asks for it)"
-    print(f"LMDeploy Lab {lab} | profile {config.profile()} | lmdeploy {lmd} | {where} | student {student}")
+    line = f"LMDeploy Lab {lab} | profile {config.profile()} | lmdeploy {lmd} | {where} | student {student}"
+    evidence.record_start(line, lab=lab, profile=config.profile())  # shows the line; starts the evidence chain
 
 
 def run_body(shell, body: str):

@@ -36,7 +36,8 @@ def compare(student: Any, ours: Any, tolerance: float) -> tuple[bool, str]:
     if isinstance(student, (int, float)) and isinstance(ours, (int, float)) and not isinstance(student, bool):
         scale = max(abs(student), abs(ours), 1e-12)
         off = abs(student - ours) / scale
-        return off <= tolerance + 1e-9, f"student {student:.4g}, re-run {ours:.4g} ({off:.1%} apart, allowed {tolerance:.0%})"
+        return off <= tolerance + 1e-9, (f"student {student:.4g}, re-run {ours:.4g} ({off:.1%} apart, "
+                                         f"allowed {tolerance:.0%})")
     return student == ours, f"student {_txt(student)}, re-run {_txt(ours)}"
 
 

@@ -5,8 +5,10 @@
     # 2. pack the submissions, with the doctored ones derived from the real runs
     python scripts/make_grading_fixtures.py pack --work /tmp/lkfix --out tests/data/grading
     # on the GPU machine (gpu cells run): alice's run only, in two halves of under 10 minutes each
-    python scripts/make_grading_fixtures.py execute --work $OUT/grading-runs --students alice --labs 00_setup 01_chat 02_serving 03_awq
-    python scripts/make_grading_fixtures.py execute --work $OUT/grading-runs --students alice --labs 04_kv_cache 05_vision 06_playground
+    python scripts/make_grading_fixtures.py execute --work $OUT/grading-runs --students alice \
+        --labs 00_setup 01_chat 02_serving 03_awq
+    python scripts/make_grading_fixtures.py execute --work $OUT/grading-runs --students alice \
+        --labs 04_kv_cache 05_vision 06_playground
     python scripts/make_grading_fixtures.py pack --work .../grading-runs --out tests/data/grading-gpu
     labkit grade tests/data/grading-gpu/class --rubric grading/rubric-gpu-suite.toml --out grades-gpu
     # --from-zip takes executed notebooks from a zip; the GPU suite's executed-notebooks.zip does not do:
@@ -190,13 +192,14 @@ def pack(runs: dict[str, dict[str, dict]], out: Path) -> None:
             subs[name] = ("class", runs[name])
     subs["dan"] = ("class", {k: clear(v) for k, v in alice.items()})
     erin = runs.get("erin", alice)  # without their own runs, the doctored copies of alice's go to folders of their own
-    subs["erin"] = ("class" if "erin" in runs else "solo-erin", {k: edit_record(v, "awq", _smaller_awq) if k == "03_awq.ipynb" else v
-                              for k, v in erin.items()})
+    subs["erin"] = ("class" if "erin" in runs else "solo-erin",
+                    {k: edit_record(v, "awq", _smaller_awq) if k == "03_awq.ipynb" else v for k, v in erin.items()})
     frank = runs.get("frank", alice)
     old = next(r["values"]["reply"] for _, _, r in evidence.outputs(frank["06_playground.ipynb"])
                if r.get("step") == "playground")
-    subs["frank"] = ("class" if "frank" in runs else "solo-frank", {k: edit_record(v, "playground", _other_reply, (old, NEW_REPLY))
-                               if k == "06_playground.ipynb" else v for k, v in frank.items()})
+    subs["frank"] = ("class" if "frank" in runs else "solo-frank",
+                     {k: edit_record(v, "playground", _other_reply, (old, NEW_REPLY)) if k == "06_playground.ipynb"
+                      else v for k, v in frank.items()})
     subs["gina"] = ("copied", {k: rehash(copy.deepcopy(v), student="gina") for k, v in alice.items()})
     if "ivan" in runs:
         subs["ivan"] = ("course", runs["ivan"])

@@ -102,7 +102,8 @@ def test_copied_submission_is_flagged_for_both(tmp_path):
     for student, other in (("alice", "gina"), ("gina", "alice")):
         assert g[student].flags() == ["shared"] and g[student].total == 0
         assert any(f"kernel session" in f.text and other in f.text for f in g[student].findings["submission"])
-    assert not any(f.kind == "tampered" for fs in g["gina"].findings.values() for f in fs)  # re-hashed: only sharing shows
+    # re-hashed: only the sharing shows
+    assert not any(f.kind == "tampered" for fs in g["gina"].findings.values() for f in fs)
 
 
 def test_generated_model_run_against_the_course_rubric():
@@ -161,16 +162,18 @@ def test_exports_csv_gradescope_report(tmp_path):
 
 def test_records_chain_and_verify(tmp_path):
     nb = _run(["import labkit\nlabkit.setup('98_calc')",
-               "labkit.record('calc', total=sum(range(10)), text='hello', characters=5)\nlabkit.check('adds', True, 'ok')",
+               "labkit.record('calc', total=sum(range(10)), text='hello', characters=5)\n"
+               "labkit.check('adds', True, 'ok')",
                "labkit.check('fails', 1 == 2, 'one is not two', fix='none')", "print('after')"],
               tmp_path / "98_calc.ipynb", "stud1")
     recs = [r for _, _, r in evidence.outputs(nb)]
-    assert [(r["kind"], r["seq"]) for r in recs] == [("record", 1), ("check", 2), ("check", 3)]
-    assert recs[2]["values"] == {"what": "fails", "passed": False, "detail": "one is not two", "fix": "none"}
-    assert recs[0]["prev_sha256"] is None and recs[1]["prev_sha256"] == recs[0]["sha256"]
+    assert [(r["kind"], r["seq"]) for r in recs] == [("start", 1), ("record", 2), ("check", 3), ("check", 4)]
+    assert recs[0]["values"] == {"lab": "98_calc", "profile": "test"} and recs[0]["execution_count"] == 1
+    assert recs[3]["values"] == {"what": "fails", "passed": False, "detail": "one is not two", "fix": "none"}
+    assert recs[0]["prev_sha256"] is None and recs[2]["prev_sha256"] == recs[1]["sha256"] == evidence.digest(recs[1])
     assert {r["student"] for r in recs} == {"stud1"} and len({r["session"] for r in recs}) == 1
     assert recs[0]["environment"]["gpu"] is None and recs[0]["environment"]["gpu_uuid"] is None  # CPU here
-    assert recs[1]["execution_count"] == 2 and recs[1]["cell_sha256"] == evidence.sha256_text(nb["cells"][1]["source"])
+    assert recs[2]["execution_count"] == 2 and recs[2]["cell_sha256"] == evidence.sha256_text(nb["cells"][1]["source"])
     assert integrity.verify(nb, "98_calc.ipynb", "stud1") == []
     assert integrity.errors(nb) == ["cell 3: LabCheckFailed: FAILED: fails (one is not two)"]
 
@@ -253,7 +256,7 @@ def test_submit_cli(tmp_path):
         names = zf.namelist()
         manifest = json.loads(zf.read("evidence.json"))
     assert sorted(names) == ["evidence.json"] + [f"notebooks/{n}.ipynb" for n in fixtures.ALL]
-    assert manifest["student"] == "alice" and len(manifest["notebooks"]["03_awq.ipynb"]["records"]) == 5
+    assert manifest["student"] == "alice" and len(manifest["notebooks"]["03_awq.ipynb"]["records"]) == 6
     assert _grades(tmp_path / "out")["alice"].verdict == "complete"
     # the course rubric asks for the course model: every notebook (each ran on generated:tiny-chat) is refused
     r = subprocess.run(cmd + ["--out", str(tmp_path / "out2")], capture_output=True, text=True, env=env, timeout=120)
@@ -378,4 +381,5 @@ def test_sharing_by_times_figures_and_gpu():
     for r in alice + erin:
         r["environment"]["gpu_uuid"] = "GPU-1234"
     assert [f.kind for f in shared({"alice": alice, "erin": erin}, ints)["erin"]] == ["shared"]
-    assert [f.kind for f in shared({"alice": alice, "erin": erin}, {**ints, "shared_gpu_uuid": "warn"})["erin"]] == ["warn"]
+    warn_only = {**ints, "shared_gpu_uuid": "warn"}
+    assert [f.kind for f in shared({"alice": alice, "erin": erin}, warn_only)["erin"]] == ["warn"]
