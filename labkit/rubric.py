@@ -16,7 +16,10 @@ whose `ratio` is 0.4), `transcript[what^=calls ]` (every row whose `what` starts
 """
 from __future__ import annotations
 
-import tomllib
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser as a package (requirements.txt)
+    import tomli as tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -383,3 +383,20 @@ def test_sharing_by_times_figures_and_gpu():
     assert [f.kind for f in shared({"alice": alice, "erin": erin}, ints)["erin"]] == ["shared"]
     warn_only = {**ints, "shared_gpu_uuid": "warn"}
     assert [f.kind for f in shared({"alice": alice, "erin": erin}, warn_only)["erin"]] == ["warn"]
+
+
+def test_student_folders_and_a_single_submission_folder(tmp_path):
+    """Per-student folders of .ipynb files grade like zips; a folder of .ipynb files is one submission
+    (the shape Gradescope's autograder gets in /autograder/submission)."""
+    alice = _unpack(DATA / "class" / "submission-alice.zip", tmp_path / "subs" / "alice")
+    _unpack(DATA / "class" / "submission-carol.zip", tmp_path / "subs" / "carol")
+    g = _grades(tmp_path / "subs")
+    assert (g["alice"].verdict, g["carol"].verdict) == ("complete", "partial")
+    assert list(_grades(alice)) == ["alice"] and _grades(alice)["alice"].verdict == "complete"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "submission-x.zip").write_bytes(b"not a zip")
+    assert _grades(broken)["x"].flags() == ["tampered"]
+    with pytest.raises(grade.GradeError) as err:
+        grade.load_submissions(tmp_path / "empty-none")
+    assert "is not a folder" in one_line(err)
