@@ -400,3 +400,14 @@ def test_student_folders_and_a_single_submission_folder(tmp_path):
     with pytest.raises(grade.GradeError) as err:
         grade.load_submissions(tmp_path / "empty-none")
     assert "is not a folder" in one_line(err)
+
+
+@pytest.mark.gpu
+def test_records_carry_the_gpu_name_and_uuid(tmp_path):
+    """On a GPU machine every record names the GPU and its NVML UUID (None on CPU, checked above)."""
+    from labkit.gpu import gpus
+
+    nb = _run(["import labkit\nlabkit.setup('96_gpu')", "labkit.check('runs', True)"], tmp_path / "96_gpu.ipynb", "g1")
+    envs = [r["environment"] for _, _, r in evidence.outputs(nb)]
+    assert len(envs) == 2 and all(e["gpu"] == gpus()[0].name for e in envs)
+    assert all(str(e["gpu_uuid"]).startswith(("GPU-", "MIG-")) for e in envs)
