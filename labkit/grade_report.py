@@ -159,6 +159,16 @@ def _student(g: Grade) -> str:
             + (f"<p><b>Re-run on the instructor's machine:</b></p><ul>{rerun}</ul>" if rerun else ""))
 
 
+def _rubric_table(rubric: Rubric) -> str:
+    """What each item reads and gives, as the rubric file says."""
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(i.id)}</td><td>{e(i.title)}</td><td>{i.points:g}</td><td>{e(i.reads())}"
+                   + (" (course model)" if i.course_model and rubric.require_course_model else "") + "</td></tr>"
+                   for i in rubric.items)
+    return (f"<h2>Rubric</h2><p>{e(str(rubric.path))}: edit points and thresholds there.</p>"
+            f"<table><tr><th>item</th><th>title</th><th>points</th><th>reads</th></tr>{rows}</table>")
+
+
 def write_report(grades: list[Grade], rubric: Rubric, path: Path) -> Path:
     """Write the class report to `path`."""
     e = html.escape
@@ -181,6 +191,6 @@ def write_report(grades: list[Grade], rubric: Rubric, path: Path) -> Path:
             f"<th>flags</th>{head}</tr>"
             f"{body}</table></div>"
             f"<div class='plots'>{''.join(plots(grades, rubric))}</div><h2>Students</h2>"
-            + "".join(_student(g) for g in grades) + "</body></html>")
+            + "".join(_student(g) for g in grades) + _rubric_table(rubric) + "</body></html>")
     path.write_text(page, encoding="utf-8")
     return path
