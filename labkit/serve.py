@@ -580,6 +580,10 @@ def api_server_args(model_dir: str | Path, *, host: str, port: int, backend: str
     argv = ["lmdeploy", "serve", "api_server", str(model_dir), "--server-name", host, "--server-port", str(port),
             "--backend", backend, "--model-name", model_name, "--cache-max-entry-count", str(cache_ratio),
             "--quant-policy", str(quant_policy), "--log-level", log_level.upper()]
+    from labkit.engine import needs_remote_code
+
+    if needs_remote_code(model_dir):  # as Engine does: lmdeploy 0.18 defaults --trust-remote-code to off
+        argv.append("--trust-remote-code")
     if session_len is not None:
         argv += ["--session-len", str(session_len)]
     if tp != 1:
