@@ -8,8 +8,28 @@
 #  - a GPU machine with network: scripts/setup.sh builds .venv as for students;
 #  - the offline runner (torch preinstalled): `make wheelhouse` here, carry .wheelhouse/,
 #    and this script installs it with --target so the runner's torch stays in charge.
+#
+# Engines: `--backend turbomind|pytorch` runs every notebook and gpu test on that engine (LABKIT_BACKEND,
+# which labkit's backend 'auto' honours); without it, 'auto' picks TurboMind wherever it can run, as
+# for students. TurboMind's CUDA 12 libraries come from `make turbomind-chunks` (.turbomind/): carry
+# them to /tmp/labkit-tm (see DEVELOPERS.md) and this script installs them. Labs 01 and 02, whose
+# course model is InternLM2.5, run on generated:tiny-internlm2 (built like it) unless LABKIT_MODEL_01 /
+# LABKIT_MODEL_02 say otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+backend=auto
+pass=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --backend)
+      case "${2:-}" in
+        turbomind|pytorch|auto) backend=$2; shift 2 ;;
+        *) echo "--backend takes turbomind, pytorch or auto, not '${2:-}'" >&2; exit 2 ;;
+      esac ;;
+    *) pass+=("$1"); shift ;;
+  esac
+done
+set -- ${pass[@]+"${pass[@]}"}
 # By default every notebook and every test marked `gpu`; CPU-only unit tests run in CI (make test).
 # `--part 1` / `--part 2` split it in two halves of about 4 and 7 minutes (for a runner that allows
 # 10 minutes a command); or name test files / notebooks (and pytest options) yourself.
@@ -30,20 +50,55 @@ if [ ! -d .venv ] && python3 -c "import lmdeploy, nbval" 2>/dev/null; then
 elif [ -d .wheelhouse ] && ! python3 -c "import lmdeploy" 2>/dev/null; then
   site=/tmp/labkit-site
   start=$(date +%s)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$site" .wheelhouse/*.whl || exit 1
-  for extra in .wheelhouse-*; do
-    [ -d "$extra" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-      --upgrade --target "$site" "$extra"/*.whl
-  done
+  if [ -f "$site/.labkit-installed" ]; then  # a warm runner: an earlier call (--part 1) installed it
+    echo "wheelhouse already installed in $site"
+  else
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$site" .wheelhouse/*.whl || exit 1
+    for extra in .wheelhouse-*; do
+      [ -d "$extra" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target "$site" "$extra"/*.whl
+    done
+    touch "$site/.labkit-installed"
+    echo "wheelhouse installed to $site in $(( $(date +%s) - start )) s"
+  fi
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
   PY=python3
-  echo "wheelhouse installed to $site in $(( $(date +%s) - start )) s"
+  # TurboMind (full lmdeploy wheel + CUDA 12 libraries), when its chunks were carried to $tm.
+  tm=${LABKIT_TM:-/tmp/labkit-tm}
+  if [ -d .turbomind ] && [ ! -f "$tm/env" ]; then  # carried with this call: setup/ and/or chunks
+    mkdir -p "$tm" && cp -r .turbomind/. "$tm/"
+  fi
+  if [ -d "$tm/setup" ] && [ ! -f "$tm/env" ]; then
+    CHUNKS=$tm bash "$tm/setup/install-on-runner" "$site" || {
+      [ "$backend" = turbomind ] && exit 3
+      echo "TurboMind not installed (see above): going on with lmdeploy's PyTorch engine"; }
+  fi
+  [ -f "$tm/env" ] && . "$tm/env"
 else
   scripts/setup.sh || exit 1
   PY=.venv/bin/python
   export PATH="$PWD/.venv/bin:$PATH"
 fi
+if [ "$backend" = turbomind ]; then
+  # One line, before anything runs, if TurboMind cannot load here.
+  $PY - <<'PY' || exit 3
+import sys
+from labkit.engine import TURBOMIND_HOWTO, turbomind_missing
+missing = turbomind_missing()
+if not missing:
+    try:
+        from lmdeploy.turbomind import _turbomind  # noqa: F401
+    except Exception as err:
+        missing = [f"a loadable TurboMind binary ({type(err).__name__}: {str(err)[:120]})"]
+if missing:
+    sys.exit(f"--backend turbomind: TurboMind cannot load here, missing {', '.join(missing)}; get them with "
+             f"{TURBOMIND_HOWTO} (chunks carried to /tmp/labkit-tm)")
+PY
+fi
+[ "$backend" != auto ] && export LABKIT_BACKEND=$backend
+export LABKIT_MODEL_01="${LABKIT_MODEL_01:-generated:tiny-internlm2}" LABKIT_MODEL_02="${LABKIT_MODEL_02:-generated:tiny-internlm2}"
+echo "backend: $backend | labs 01, 02 on $LABKIT_MODEL_01, $LABKIT_MODEL_02 | other labs on ${LABKIT_MODEL:-generated:tiny-chat}"
 $PY -m labkit.cli doctor --offline
 # SIGINT at the limit lets pytest still print and write its summary (the runner allows 10 minutes a command).
 timeout -s INT "${SUITE_TIMEOUT:-570}" $PY -m pytest --durations=40 --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
