@@ -275,25 +275,44 @@ class Engine:
         if self.closed:
             raise EngineError(f"engine {self.name!r} is closed: build a new one")
 
-    def generate(self, prompts, **gen: Any):
-        """pipe(prompts) with gen_config(**gen): one Response, or a list for a batch."""
-        self._check_open()
-        return self.pipe(prompts, gen_config=gen_config(**gen))
+    def _stuck(self) -> str:
+        return (f"the {self.backend} engine may be stuck (the lmdeploy log above may say why) and the request goes on "
+                f"in the background: close the engine (`.close()`, or restart the kernel) to free the GPU, then try "
+                f"fewer tokens, a shorter prompt or the other backend")
 
-    def stream(self, prompt, **gen: Any) -> Iterator[Any]:
-        """Stream one prompt: yields lmdeploy Responses whose .text is the new piece."""
-        self._check_open()
-        yield from self.pipe.stream_infer(prompt, gen_config=gen_config(**gen))
+    def generate(self, prompts, timeout: float | None = None, **gen: Any):
+        """pipe(prompts) with gen_config(**gen): one Response, or a list for a batch; a RequestTimeout after
+        `timeout` seconds (default: labkit.deadline.default_timeout())."""
+        from labkit import deadline
 
-    def chat_turns(self, prompts: list, **gen: Any) -> "pandas.DataFrame":
-        """A multi-turn chat in one `pipe.chat` session (prompts: text or (text, image)), one row per turn."""
+        self._check_open()
+        cfg = gen_config(**gen)
+        return deadline.call(lambda: self.pipe(prompts, gen_config=cfg), timeout, f"engine {self.name!r}",
+                             self._stuck())
+
+    def stream(self, prompt, timeout: float | None = None, **gen: Any) -> Iterator[Any]:
+        """Stream one prompt: yields lmdeploy Responses whose .text is the new piece; a RequestTimeout when
+        no piece comes for `timeout` seconds."""
+        from labkit import deadline
+
+        self._check_open()
+        cfg = gen_config(**gen)
+        yield from deadline.iterate(lambda: self.pipe.stream_infer(prompt, gen_config=cfg), timeout,
+                                    f"engine {self.name!r} (streaming)", self._stuck())
+
+    def chat_turns(self, prompts: list, timeout: float | None = None, **gen: Any) -> "pandas.DataFrame":
+        """A multi-turn chat in one `pipe.chat` session (prompts: text or (text, image)), one row per turn
+        (each turn limited to `timeout` seconds)."""
         import pandas as pd
+
+        from labkit import deadline
 
         self._check_open()
         cfg, session, rows = gen_config(**gen), None, []
         try:
             for turn, prompt in enumerate(prompts, 1):
-                session = self.pipe.chat(prompt, session=session, gen_config=cfg)
+                session = deadline.call(lambda p=prompt, s=session: self.pipe.chat(p, session=s, gen_config=cfg),
+                                        timeout, f"engine {self.name!r} (chat turn {turn})", self._stuck())
                 r = session.response
                 rows.append({"turn": turn, "prompt": prompt[0] if isinstance(prompt, tuple) else prompt,
                              "reply": r.text, "input_token_len": r.input_token_len,
