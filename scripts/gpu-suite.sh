@@ -18,9 +18,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 backend=auto
+bench=0
 pass=()
 while [ $# -gt 0 ]; do
   case "$1" in
+    --bench) bench=1; shift ;;  # instead of the tests: scripts/bench_engines.py (bf16 vs AWQ on both engines)
     --backend)
       case "${2:-}" in
         turbomind|pytorch|auto) backend=$2; shift 2 ;;
@@ -33,7 +35,7 @@ set -- ${pass[@]+"${pass[@]}"}
 # By default every notebook and every test marked `gpu`; CPU-only unit tests run in CI (make test).
 # `--part 1` / `--part 2` split it in two halves of about 4 and 7 minutes (for a runner that allows
 # 10 minutes a command); or name test files / notebooks (and pytest options) yourself.
-case "${1:-}" in
+[ "$bench" = 0 ] && case "${1:-}" in
   "") set -- notebooks tests -m "gpu or notebook" ;;
   --part)
     case "${2:-}" in
@@ -100,6 +102,14 @@ fi
 export LABKIT_MODEL_01="${LABKIT_MODEL_01:-generated:tiny-internlm2}" LABKIT_MODEL_02="${LABKIT_MODEL_02:-generated:tiny-internlm2}"
 echo "backend: $backend | labs 01, 02 on $LABKIT_MODEL_01, $LABKIT_MODEL_02 | other labs on ${LABKIT_MODEL:-generated:tiny-chat}"
 $PY -m labkit.cli doctor --offline
+if [ "$bench" = 1 ]; then
+  engines="turbomind pytorch"
+  [ "$backend" != auto ] && engines=$backend
+  unset LABKIT_BACKEND
+  timeout -s INT "${SUITE_TIMEOUT:-570}" $PY scripts/bench_engines.py --backends $engines \
+    --out "$LABKIT_REPORT_DIR/bench-engines.md" "$@" 2>&1 | tee "$LABKIT_REPORT_DIR/bench.log"
+  exit "${PIPESTATUS[0]}"
+fi
 # SIGINT at the limit lets pytest still print and write its summary (the runner allows 10 minutes a command).
 timeout -s INT "${SUITE_TIMEOUT:-570}" $PY -m pytest --durations=40 --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
   -p no:cacheprovider -rA "$@" 2>&1 | tee "$LABKIT_REPORT_DIR/pytest.log"

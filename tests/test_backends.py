@@ -115,3 +115,44 @@ def test_suite_stops_in_one_line_where_turbomind_cannot_load(tmp_path):
     [line] = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert line.startswith("--backend turbomind: TurboMind cannot load here, missing lmdeploy/turbomind/_turbomind")
     assert "make turbomind-chunks" in line and "pytest" not in done.stdout  # nothing ran
+
+
+def _script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_bench_engines_refuses_in_one_line_without_a_gpu():
+    from labkit.gpu import gpus
+
+    if gpus():
+        pytest.skip("this machine has a GPU: the no-GPU refusal cannot be shown here")
+    done = _script("scripts/bench_engines.py", "--repeats", "1")
+    assert done.returncode == 1 and done.stderr.strip() == \
+        "error: the engine benchmark needs a CUDA GPU: found none; see 00_setup"
+    done = _script("scripts/bench_engines.py", "--batches", "0")
+    assert done.returncode == 1 and "batch_sizes must be whole numbers >= 1" in done.stderr
+
+
+def test_bench_engines_section_replaces_an_earlier_run(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nintro\n")
+    for n in (1, 2):
+        run = tmp_path / f"run{n}.md"
+        run.write_text(f"<!-- bench_engines: begin -->\nrun {n}\n<!-- bench_engines: end -->\n")
+        done = _script("scripts/bench_engines.py", "--from-file", str(run), "--append", str(doc))
+        assert done.returncode == 0, done.stderr
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n") and "run 2" in text and "run 1" not in text
+
+
+@pytest.mark.gpu
+def test_bench_chat_skips_the_transformers_baseline_for_awq(tmp_path):
+    """An AWQ folder: the baseline is skipped with a printed reason, LMDeploy is still measured."""
+    from labkit import quant
+
+    awq_dir = quant.awq("generated:tiny-chat", **quant.lab_settings())  # lab 03 made it already in the suite
+    done = subprocess.run([sys.executable, "scripts/bench_chat.py", "--model", str(awq_dir), "--batches", "1",
+                           "--new-tokens", "16", "--repeats", "1", "--cache-ratio", "0.05", "--no-overhead"],
+                          capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "transformers baseline skipped: " in done.stdout and "AWQ model" in done.stdout

@@ -246,3 +246,29 @@ def test_transformers_baseline_generates(tlm_dir):
         assert out.generate_token_len == 8 and out.input_token_len > 3 and out.text
         pieces = list(hf.stream("Hello", max_new_tokens=4, temperature=0))
         assert pieces and pieces[-1].generate_token_len == 4
+
+
+@pytest.mark.gpu
+def test_the_engine_reads_wqkv_as_our_modeling_code_does(tlm_dir):
+    """The engine the suite runs (TurboMind or the PyTorch engine, LABKIT_BACKEND) computes the logits our
+    transformers code computes for the same tokens: both read the packed wqkv alike."""
+    import torch
+    from lmdeploy import GenerationConfig
+    from lmdeploy.tokenizer import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from labkit.engine import Engine
+
+    text = "The lighthouse keeper found a message in a bottle and read it twice, slowly."
+    ids = Tokenizer(str(tlm_dir)).encode(text)  # what the engine gets for this prompt
+    ours = AutoModelForCausalLM.from_pretrained(tlm_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ours(torch.tensor([ids])).logits[0].float()
+    with Engine(tlm_dir, name="tlm-logits", cache_ratio=0.05) as eng:
+        reply = eng.pipe(text, gen_config=GenerationConfig(max_new_tokens=1, output_logits="all"), do_preprocess=False)
+        backend = eng.backend
+    got = reply.logits.float().cpu()
+    n = min(len(got), len(want))
+    assert n >= len(ids) - 1, (got.shape, want.shape)
+    corr = float(torch.corrcoef(torch.stack([got[:n].flatten(), want[:n].flatten()]))[0, 1])
+    assert corr > 0.99, f"{backend}: logits correlate {corr:.3f} with labkit's InternLM2 code"
