@@ -81,7 +81,7 @@ def test_engine_request_past_its_limit_ends_with_a_message():
 
     with Engine("generated:tiny-chat", name="deadline", cache_ratio=0.05) as eng:
         with pytest.raises(deadline.RequestTimeout) as err:
-            eng.generate(["Tell me a long story."] * 8, max_new_tokens=1000, ignore_eos=True, timeout=0.05)
+            eng.generate(["Tell me a long story."] * 8, max_new_tokens=300, ignore_eos=True, timeout=0.05)
         assert "engine 'deadline' gave no answer within 0.05 s" in str(err.value) and "close the engine" in str(err.value)
         pieces = list(eng.stream("Hi", max_new_tokens=4, timeout=60))  # the engine still answers afterwards
         assert pieces

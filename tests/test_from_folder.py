@@ -82,3 +82,20 @@ def test_lab02_setup_cell_picks_the_parser_of_its_model(model, parser):
     setup = [i for i, c in enumerate(cells) if "TOOL_PARSER =" in "".join(c["source"])]
     out = _run_cells("02_serving.ipynb", [1, *setup], {"LABKIT_MODEL": model})
     assert out.strip().splitlines()[-1].endswith(f"| tool-call parser: {parser}")
+
+
+def test_a_lab_can_have_its_own_model(monkeypatch):
+    """LABKIT_MODEL_<NN> picks the model of lab NN only (the GPU suite runs labs 01 and 02 on tiny-internlm2)."""
+    from labkit import evidence, models
+
+    monkeypatch.setenv("LABKIT_MODEL", "generated:tiny-chat")
+    monkeypatch.setenv("LABKIT_MODEL_02", "generated:tiny-internlm2")
+    before = evidence._context.get("notebook")
+    try:
+        evidence.set_notebook("02_serving")
+        assert models.default("chat") == "generated:tiny-internlm2"
+        assert models.default("vision") != "generated:tiny-internlm2"
+        evidence.set_notebook("03_awq")
+        assert models.default("chat") == "generated:tiny-chat"
+    finally:
+        evidence.set_notebook(before)
