@@ -272,3 +272,56 @@ def test_the_engine_reads_wqkv_as_our_modeling_code_does(tlm_dir):
     assert n >= len(ids) - 1, (got.shape, want.shape)
     corr = float(torch.corrcoef(torch.stack([got[:n].flatten(), want[:n].flatten()]))[0, 1])
     assert corr > 0.99, f"{backend}: logits correlate {corr:.3f} with labkit's InternLM2 code"
+
+
+def _required_format(parser: str, tools_: list[dict]) -> dict:
+    """The guided-decoding format lmdeploy's api_server builds for tool_choice="required" with `parser`."""
+    from lmdeploy.serve.openai.protocol import ChatCompletionRequest
+    from lmdeploy.serve.parsers.response_parser import BaseResponseParser
+
+    cls = type(f"Forced_{parser}", (BaseResponseParser,), {})
+    cls.set_parsers(tool_parser_name=parser)
+    request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "?"}], tools=tools_,
+                                    tool_choice="required")
+    return cls(request).request.response_format
+
+
+def _grammar_writes(model_dir: Path, response_format: dict, target: str) -> str:
+    """How much of `target` lmdeploy's own guided decoding (the PyTorch engine's xgrammar manager, on CPU) lets
+    a model write with this folder's tokenizer: at each step, the longest allowed token that stays on target."""
+    import torch
+    from lmdeploy.pytorch.engine.guided_process import GuidedDecodingManager
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    manager = GuidedDecodingManager(tok, vocab_size=vocab)
+    matcher = manager.get_processor(0, 0, response_format)
+    mask = manager.allocate_batched_bitmap(1)
+    pieces = [tok.decode([i]) for i in range(vocab)]
+    ids = torch.arange(vocab)
+    written = ""
+    while written != target:
+        manager.fill_bitmap(matcher, mask, 0)
+        allowed = ((mask[0][ids // 32] >> (ids % 32)) & 1).bool()
+        fits = [i for i in ids[allowed].tolist() if pieces[i] and target.startswith(written + pieces[i])]
+        if not fits:
+            return written
+        best = max(fits, key=lambda i: len(pieces[i]))
+        manager.accept_token(matcher, best)
+        written += pieces[best]
+    return written
+
+
+def test_forced_tool_call_can_be_written_in_internlm2s_format(tlm_dir):
+    """Lab 02 forces the random model's calls (tool_choice="required"); with the internlm parser, lmdeploy's
+    grammar must let this tokenizer write InternLM2's call, and only the wanted one."""
+    from labkit import tools
+
+    [first, *_] = tools.forced_rounds([("add", {"a": 3, "b": 5})])
+    fmt = _required_format("internlm", first["tools"])
+    call = '<|action_start|><|plugin|>{"name": "add", "parameters": {"a": 3, "b": 5}}<|action_end|>'
+    assert _grammar_writes(tlm_dir, fmt, call) == call
+    assert tools.parse_reply(call, "internlm")["tool_calls"] == [{"name": "add", "arguments": '{"a": 3, "b": 5}'}]
+    other = call.replace('"b": 5', '"b": 6')  # the schema admits only b = 5
+    assert _grammar_writes(tlm_dir, fmt, other) != other
