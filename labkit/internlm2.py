@@ -15,6 +15,13 @@ What makes a folder "InternLM2-shaped", as the real internlm2_5-1_8b-chat is:
     spec = InternLM2Spec(hidden=256, intermediate=768, layers=2, heads=4, kv_heads=2, vocab=4096)
     tok = write_model_files(folder, spec)                # config + code + tokenizer + generation config
     write_weights(folder, spec, random_state_dict(spec))  # or a trained model's state dict
+    check_folder(folder)                                  # what lmdeploy's InternLM2 loaders expect
+
+A trained model: pass its `tokenizers.Tokenizer` to write_model_files (InternLM2's special tokens are added,
+the vocabulary padded to spec.vocab), train the modeling code's InternLM2ForCausalLM (or a Llama-layout model
+and pack its q/k/v with pack_wqkv), write its state dict, and register the builder with
+`labkit.generate.register(name, version, build, about)`, build returning {"random_weights": False} so lab 02
+lets the model call tools by itself (labkit.tools.forced_for reads that marker).
 """
 from __future__ import annotations
 
