@@ -162,6 +162,14 @@ def unpack_wqkv(wqkv, heads: int, kv_heads: int):
             t[:, groups + 1].reshape(kv_heads * d, -1))
 
 
+def model_classes():
+    """(InternLM2Config, InternLM2ForCausalLM) from labkit's own code, the code written into the folders (to
+    build or train a model in-process: `InternLM2ForCausalLM(InternLM2Config(**json.load(config.json)))`)."""
+    from labkit.data import configuration_internlm2, modeling_internlm2
+
+    return configuration_internlm2.InternLM2Config, modeling_internlm2.InternLM2ForCausalLM
+
+
 def write_code(out_dir: Path) -> None:
     """Copy labkit's configuration_internlm2.py and modeling_internlm2.py into the model folder."""
     for name in CODE_FILES:

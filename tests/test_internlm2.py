@@ -325,3 +325,14 @@ def test_forced_tool_call_can_be_written_in_internlm2s_format(tlm_dir):
     assert tools.parse_reply(call, "internlm")["tool_calls"] == [{"name": "add", "arguments": '{"a": 3, "b": 5}'}]
     other = call.replace('"b": 5', '"b": 6')  # the schema admits only b = 5
     assert _grammar_writes(tlm_dir, fmt, other) != other
+
+
+def test_model_classes_build_what_the_folder_holds(tlm_dir):
+    """labkit's own classes, in-process (for training): the same parameter names and shapes as the folder."""
+    from labkit import internlm2
+
+    config_cls, model_cls = internlm2.model_classes()
+    cfg = json.loads((tlm_dir / "config.json").read_text())
+    model = model_cls(config_cls(**{k: v for k, v in cfg.items() if k not in ("architectures", "auto_map")}))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    internlm2.check_shapes(internlm2.spec_of(tlm_dir), shapes)
