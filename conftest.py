@@ -124,8 +124,8 @@ def pytest_runtest_logreport(report):
 
 
 def _engines() -> dict[str, str]:
-    """File -> the backends labkit chose while it ran ("turbomind", "pytorch", "pytorch+turbomind"), from
-    LABKIT_ENGINE_LOG: notebooks by their lab name, tests by their file."""
+    """File -> the backends (and models) labkit chose while it ran, from LABKIT_ENGINE_LOG: by the running
+    test's file (a notebook's kernel inherits it from pytest), else by the lab's name."""
     path = os.environ.get("LABKIT_ENGINE_LOG")
     found: dict[str, set] = defaultdict(set)
     try:
@@ -137,7 +137,7 @@ def _engines() -> dict[str, str]:
             e = json.loads(line)
         except json.JSONDecodeError:
             continue
-        key = f"notebooks/{e['lab']}.ipynb" if e.get("lab") else e.get("test")
+        key = e.get("test") or (f"notebooks/{e['lab']}.ipynb" if e.get("lab") else None)
         if key:
             found[key].add(f"{e['backend']} ({e['model']})")
     return {k: ", ".join(sorted(v)) for k, v in found.items()}

@@ -122,6 +122,7 @@ def _noted(model_dir: str | Path, backend: str, why: str) -> tuple[str, str]:
         entry = {"lab": _context.get("notebook"), "test": os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[0],
                  "model": Path(model_dir).name, "backend": backend, "why": why}
         try:
+            Path(log).parent.mkdir(parents=True, exist_ok=True)
             with open(log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
         except OSError:
