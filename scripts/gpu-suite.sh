@@ -49,6 +49,7 @@ esac
 export LABKIT_REPORT_DIR="${LABKIT_REPORT_DIR:-${OUT:-artifacts/gpu-suite}}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$LABKIT_REPORT_DIR"
+tm=${LABKIT_TM:-/tmp/labkit-tm}  # where TurboMind's chunks go on the runner (make turbomind-chunks)
 if [ ! -d .venv ] && python3 -c "import lmdeploy, nbval" 2>/dev/null; then
   PY=python3   # the packages are there already (e.g. PYTHONPATH set by hand)
 elif [ -d .wheelhouse ] && ! python3 -c "import lmdeploy" 2>/dev/null; then
@@ -69,7 +70,6 @@ elif [ -d .wheelhouse ] && ! python3 -c "import lmdeploy" 2>/dev/null; then
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
   PY=python3
   # TurboMind (full lmdeploy wheel + CUDA 12 libraries), when its chunks were carried to $tm.
-  tm=${LABKIT_TM:-/tmp/labkit-tm}
   if [ -d .turbomind ] && [ ! -f "$tm/env" ]; then  # carried with this call: setup/ and/or chunks
     mkdir -p "$tm" && cp -r .turbomind/. "$tm/"
   fi
@@ -78,12 +78,12 @@ elif [ -d .wheelhouse ] && ! python3 -c "import lmdeploy" 2>/dev/null; then
       [ "$backend" = turbomind ] && exit 3
       echo "TurboMind not installed (see above): going on with lmdeploy's PyTorch engine"; }
   fi
-  [ -f "$tm/env" ] && . "$tm/env"
 else
   scripts/setup.sh || exit 1
   PY=.venv/bin/python
   export PATH="$PWD/.venv/bin:$PATH"
 fi
+[ -f "$tm/env" ] && . "$tm/env"  # TurboMind's CUDA 12 libraries (installed by this call or an earlier one)
 if [ "$backend" = turbomind ]; then
   # One line, before anything runs, if TurboMind cannot load here.
   $PY - <<'PY' || exit 3
