@@ -12,9 +12,9 @@
 # Engines: `--backend turbomind|pytorch` runs every notebook and gpu test on that engine (LABKIT_BACKEND,
 # which labkit's backend 'auto' honours); without it, 'auto' picks TurboMind wherever it can run, as
 # for students. TurboMind's CUDA 12 libraries come from `make turbomind-chunks` (.turbomind/): carry
-# them to /tmp/labkit-tm (see DEVELOPERS.md) and this script installs them. Labs 01 and 02, whose
-# course model is InternLM2.5, run on generated:tiny-internlm2 (built like it) unless LABKIT_MODEL_01 /
-# LABKIT_MODEL_02 say otherwise.
+# them to /tmp/labkit-tm (see DEVELOPERS.md) and this script installs them. Labs 01-04, whose course
+# model is InternLM2.5, run on generated:tiny-internlm2 (built like it) unless LABKIT_MODEL_01 ..
+# LABKIT_MODEL_04 say otherwise (e.g. LABKIT_MODEL_04=generated:tiny-chat).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 backend=auto
@@ -101,8 +101,13 @@ if missing:
 PY
 fi
 [ "$backend" != auto ] && export LABKIT_BACKEND=$backend
-export LABKIT_MODEL_01="${LABKIT_MODEL_01:-generated:tiny-internlm2}" LABKIT_MODEL_02="${LABKIT_MODEL_02:-generated:tiny-internlm2}"
-echo "backend: $backend | labs 01, 02 on $LABKIT_MODEL_01, $LABKIT_MODEL_02 | other labs on ${LABKIT_MODEL:-generated:tiny-chat}"
+# Labs 01-04, whose course model is InternLM2.5, on the model built like it (LABKIT_MODEL_NN=... overrides one).
+for nn in 01 02 03 04; do
+  var=LABKIT_MODEL_$nn
+  export "$var=${!var:-generated:tiny-internlm2}"
+done
+echo "backend: $backend | labs 01-04 on $LABKIT_MODEL_01, $LABKIT_MODEL_02, $LABKIT_MODEL_03, $LABKIT_MODEL_04" \
+  "| other labs on ${LABKIT_MODEL:-generated:tiny-chat}"
 $PY -m labkit.cli doctor --offline
 if [ "$bench" = 1 ]; then
   engines="turbomind pytorch"
