@@ -316,10 +316,13 @@ def overhead(model: Any, batch: int = 8, new_tokens: int = 64, pairs: int = 21) 
         ratios = [a / b for a, b in zip(ours, raw)]
         q1, ratio, q3 = statistics.quantiles(ratios, n=4)
         loops = 2000  # what labkit adds per call, timed on its own: no GPU noise in it
+        from labkit import deadline
+
         start = time.perf_counter()
         for _ in range(loops):
             eng._check_open()
             gen_config(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+            deadline.call(lambda: None, None, "overhead", "")  # the worker thread that bounds each call
         wrapper = (time.perf_counter() - start) / loops
         raw_median = statistics.median(raw)
         # Two standard errors of a median of `pairs` ratios (sigma ~ IQR / 1.349, SE ~ 1.2533 sigma / sqrt(n)):
