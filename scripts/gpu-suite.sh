@@ -75,7 +75,11 @@ elif [ -d .wheelhouse ] && ! python3 -c "import lmdeploy" 2>/dev/null; then
   fi
   if [ -d "$tm/setup" ] && [ ! -f "$tm/env" ]; then
     CHUNKS=$tm bash "$tm/setup/install-on-runner" "$site" || {
-      [ "$backend" = turbomind ] && exit 3
+      if [ "$backend" = turbomind ]; then
+        echo "--backend turbomind: TurboMind could not be installed from $tm (the line above says why): carry" \
+          "each .turbomind/cNN there in calls back to back, then run this again (DEVELOPERS.md)" >&2
+        exit 3
+      fi
       echo "TurboMind not installed (see above): going on with lmdeploy's PyTorch engine"; }
   fi
 else
