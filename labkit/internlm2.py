@@ -206,17 +206,7 @@ def write_tokenizer(out_dir: Path, vocab_size: int, tokenizer=None):
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         text = config.data_file("corpus.txt").read_text(encoding="utf-8").split("\n\n")
         tokenizer.train_from_iterator(text, trainer)
-    else:
-        tokenizer.add_special_tokens(SPECIAL_TOKENS)
-    data = json.loads(tokenizer.to_str())
-    vocab = data["model"]["vocab"]
-    nxt = tokenizer.get_vocab_size()
-    if nxt > vocab_size:
-        raise InternLM2FormatError(f"the tokenizer has {nxt} tokens, more than the model's vocab {vocab_size}")
-    while nxt < vocab_size:  # reserved entries, so the vocabulary matches the embedding rows
-        vocab[f"<|reserved_{nxt}|>"] = nxt
-        nxt += 1
-    tokenizer = Tokenizer.from_str(json.dumps(data))
+    tokenizer = Tokenizer.from_str(json.dumps(_with_specials(json.loads(tokenizer.to_str()), vocab_size)))
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="</s>", model_max_length=32768,
                                    additional_special_tokens=SPECIAL_TOKENS[3:])
@@ -227,6 +217,31 @@ def write_tokenizer(out_dir: Path, vocab_size: int, tokenizer=None):
     cfg.update(chat_template=CHAT_TEMPLATE, tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False)
     cfg_path.write_text(json.dumps(cfg, indent=1, ensure_ascii=False))
     return fast
+
+
+def _with_specials(data: dict, vocab_size: int) -> dict:
+    """A tokenizer.json dict with InternLM2's special tokens in its vocabulary (each id used once, by the
+    vocabulary and the added tokens alike) and reserved entries up to exactly `vocab_size` ids."""
+    vocab = data["model"]["vocab"]
+    added = data.setdefault("added_tokens", [])
+    known = {a["content"]: a for a in added}
+    used = set(vocab.values()) | {a["id"] for a in added}
+    for token in SPECIAL_TOKENS:
+        if token in known:
+            known[token]["special"] = True
+            vocab.setdefault(token, known[token]["id"])
+            continue
+        new_id = vocab.get(token, max(used, default=-1) + 1)
+        vocab[token] = new_id
+        used.add(new_id)
+        added.append({"id": new_id, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+                      "normalized": False, "special": True})
+    if max(used) >= vocab_size:
+        raise InternLM2FormatError(f"the tokenizer needs {max(used) + 1} ids with InternLM2's special tokens, "
+                                   f"more than the model's vocab {vocab_size}")
+    for i in sorted(set(range(vocab_size)) - used):  # reserved entries: the vocabulary matches the embedding rows
+        vocab[f"<|reserved_{i}|>"] = i
+    return data
 
 
 def write_model_files(out_dir: Path, spec: InternLM2Spec, tokenizer=None):

@@ -47,6 +47,8 @@ def test_structure_is_the_course_models(tlm_dir):
     assert cfg["hidden_size"] % 128 == 0 and cfg["hidden_size"] // cfg["num_attention_heads"] in (64, 128)
     assert internlm2.check_folder(tlm_dir) == tlm_dir
     assert generate.info(tlm_dir)["architecture"] == "InternLM2ForCausalLM" and generate.random_weights(tlm_dir)
+    vocab = json.loads((tlm_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    assert sorted(vocab.values()) == list(range(cfg["vocab_size"]))  # every embedding row has one token
 
 
 def test_loads_only_with_remote_code(tlm_dir):
@@ -336,3 +338,33 @@ def test_model_classes_build_what_the_folder_holds(tlm_dir):
     model = model_cls(config_cls(**{k: v for k, v in cfg.items() if k not in ("architectures", "auto_map")}))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     internlm2.check_shapes(internlm2.spec_of(tlm_dir), shapes)
+
+
+def test_a_trained_tokenizer_gets_internlm2s_special_tokens(tmp_path):
+    """The writer's path for trained models: a tokenizer of its own, InternLM2's special tokens added, every id
+    used once, the vocabulary padded to the spec's; a tokenizer too big for the spec is refused."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from labkit import internlm2
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["Compute (3+5)*2 with the tools add and mul."] * 4, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    spec = internlm2.InternLM2Spec(hidden=128, intermediate=256, layers=1, heads=2, kv_heads=1, vocab=384)
+    fast = internlm2.write_model_files(tmp_path, spec, tokenizer=tok)
+    internlm2.write_weights(tmp_path, spec, internlm2.random_state_dict(spec))
+    assert internlm2.check_folder(tmp_path) == tmp_path and len(fast) == 384
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    ids = list(data["model"]["vocab"].values())
+    assert sorted(ids) == list(range(384))  # each id once
+    assert all(data["model"]["vocab"][a["content"]] == a["id"] for a in data["added_tokens"])
+    text = "<|im_start|>user\nCompute (3+5)*2<|im_end|>"
+    enc = fast(text).input_ids
+    assert enc[0] == fast.convert_tokens_to_ids("<|im_start|>") and fast.decode(enc) == text
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (fast.convert_tokens_to_ids("<s>"),
+                                                          fast.convert_tokens_to_ids("</s>"))
+    with pytest.raises(internlm2.InternLM2FormatError, match="more than the model's vocab 270"):
+        internlm2.write_tokenizer(tmp_path / "small", 270, tok)
