@@ -83,7 +83,9 @@ def choose_backend(model_dir: str | Path, requested: str = "auto") -> tuple[str,
         return _noted(model_dir, "pytorch", who)
     found = gpus()
     tm_ok, why = _turbomind_state(bool(found), float(found[0].compute_capability) if found else 0.0)
-    missing = turbomind_missing() if requested == "turbomind" else []
+    missing = turbomind_missing() if requested == "turbomind" or tm_ok else []
+    if missing and tm_ok:  # e.g. cuBLAS absent while the CUDA 12 runtime is there
+        tm_ok, why = False, f"TurboMind lacks {', '.join(missing)}"
     if requested == "turbomind" and (missing or not tm_ok):
         what = f"missing {', '.join(missing)}; get them with {TURBOMIND_HOWTO}" if missing else why
         raise EngineError(f"backend 'turbomind' ({who}) cannot run here: {what}; or use backend='pytorch'")
