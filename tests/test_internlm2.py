@@ -75,6 +75,13 @@ def test_without_auto_map_it_does_not_load(tlm_dir, tmp_path):
     assert "auto_map" in one_line(err)
     with pytest.raises((ValueError, KeyError)):
         AutoModelForCausalLM.from_pretrained(broken, trust_remote_code=True)
+    no_code = _copy(tlm_dir, tmp_path / "no-code")
+    (no_code / "modeling_internlm2.py").unlink()
+    with pytest.raises(internlm2.InternLM2FormatError) as err:
+        internlm2.check_folder(no_code)
+    assert "names modeling_internlm2.py, which is not in the folder" in one_line(err)
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(no_code, trust_remote_code=True)
 
 
 def test_lmdeploy_recognises_internlm2(tlm_dir):
