@@ -104,7 +104,7 @@ def check_options(cache_ratio: float = 0.8, quant_policy: int = 0, session_len: 
     """Check engine options before anything loads (engine_config and labkit.serve use it); with the
     chosen `backend`, also what that backend needs."""
     kvcache.check_ratio(cache_ratio, backend)
-    kvcache.check_policy(quant_policy)
+    kvcache.check_policy(quant_policy, backend)
     if session_len is not None and (not isinstance(session_len, int) or session_len < 16):
         raise EngineError(f"session_len must be a whole number of tokens >= 16 (or None for the model's), "
                           f"not {session_len!r}")
