@@ -51,6 +51,8 @@ def choose_backend(model_dir: str | Path, requested: str = "auto") -> tuple[str,
 
             if not is_supported(str(model_dir)):
                 tm_ok, why = False, "TurboMind does not support this model"
+            elif (vision_problem := _turbomind_vision_problem(model_dir)) is not None:
+                tm_ok, why = False, vision_problem
         except Exception as err:  # its import needs the CUDA 12 runtime
             tm_ok, why = False, f"TurboMind failed to load ({type(err).__name__})"
     if requested == "turbomind" and not tm_ok:
@@ -60,6 +62,12 @@ def choose_backend(model_dir: str | Path, requested: str = "auto") -> tuple[str,
     if requested == "turbomind":
         return "turbomind", "asked for"
     return ("turbomind", "auto: TurboMind can run") if tm_ok else ("pytorch", f"auto: {why}, so the PyTorch engine")
+
+
+def _turbomind_vision_problem(model_dir: str | Path) -> str | None:
+    from labkit.vision.engines import turbomind_vision_problem
+
+    return turbomind_vision_problem(model_dir)
 
 
 def needs_remote_code(model_dir: str | Path) -> bool:
