@@ -286,3 +286,44 @@ def markdown(model: str | Path = "<model>") -> str:
 
 if __name__ == "__main__":
     print(markdown(), end="")
+
+
+def chat_commands(model_dir: str | Path):
+    """`lmdeploy chat` for each backend: the command where it can run here, else why not (a table)."""
+    import pandas as pd
+
+    from labkit.engine import EngineError, chat_command
+    from labkit.gpu import has_cuda
+
+    rows, gpu = [], has_cuda()
+    for backend in ("turbomind", "pytorch"):
+        try:
+            rows.append({"backend": backend, "command": chat_command(model_dir, backend),
+                         "runs here": "yes" if gpu else "no: no CUDA GPU, it ends in a CUDA error"})
+        except EngineError as err:
+            rows.append({"backend": backend, "command": "", "runs here": f"no: {err}"})
+    if not gpu:
+        print("No CUDA GPU here: `lmdeploy chat` needs one. Typed in a terminal it loads for a while, then ends in "
+              "a long traceback whose last line is `RuntimeError: Found no NVIDIA driver on your system` "
+              "(tests/test_commands.py runs it). Run it on the GPU machine.")
+    return pd.DataFrame(rows)
+
+
+def template_table(model_dir: str | Path, question: str = "Who are you?", system: str = "You are a pirate."):
+    """The prompt lmdeploy builds for one question under each chat-template choice (a table; nothing runs)."""
+    import pandas as pd
+    from lmdeploy import ChatTemplateConfig
+
+    user = [{"role": "user", "content": question}]
+    custom = ChatTemplateConfig(model_name="lab-chatml", system="<|im_start|>system\n", meta_instruction=system,
+                                eosys="<|im_end|>\n", user="<|im_start|>user\n", eoh="<|im_end|>\n",
+                                assistant="<|im_start|>assistant\n", eoa="<|im_end|>", separator="\n")
+    cases = [("default: the model's own template (tokenizer_config.json)", user, None),
+             ("a system message (the current way to set a system prompt)",
+              [{"role": "system", "content": system}] + user, None),
+             ("ChatTemplateConfig(model_name='internlm2'): the 2024 code", user, ChatTemplateConfig("internlm2")),
+             ("ChatTemplateConfig(model_name='internlm2', meta_instruction=...): 2024", user,
+              ChatTemplateConfig("internlm2", meta_instruction=system)),
+             ("a full custom ChatTemplateConfig (every marker given)", user, custom)]
+    return pd.DataFrame([{"chat template": what, "prompt lmdeploy builds": render(msgs, model_dir, cfg)}
+                         for what, msgs, cfg in cases])

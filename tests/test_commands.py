@@ -99,3 +99,36 @@ def test_docs_commands_md_is_current():
     text = (ROOT / "docs" / "commands.md").read_text()
     assert text == commands.markdown(), "regenerate: python -m labkit.commands > docs/commands.md"
     assert text.count("\n| ") >= 16 and "FAILS: lmdeploy" in text
+
+
+def test_template_table_shows_what_each_choice_does_to_the_prompt(tiny_dir):
+    table = commands.template_table(tiny_dir, "Who are you?", "You are a pirate.").set_index("chat template")
+    prompts = table["prompt lmdeploy builds"].tolist()
+    default, system, old, old_meta, custom = prompts
+    assert default.startswith("<|im_start|>user\nWho are you?") and old == "Who are you?"
+    assert old_meta == "You are a pirate.Who are you?"  # the 2024 system prompt, with no template around it
+    assert system == custom and system.startswith("<|im_start|>system\nYou are a pirate.<|im_end|>\n")
+
+
+def test_chat_commands_for_each_backend(tiny_dir, capsys):
+    from labkit.gpu import has_cuda
+
+    table = commands.chat_commands(tiny_dir).set_index("backend")
+    assert "--backend pytorch" in table.loc["pytorch", "command"]
+    if not has_cuda():
+        assert table.loc["pytorch", "runs here"].startswith("no: no CUDA GPU")
+        assert "Found no NVIDIA driver" in capsys.readouterr().out
+
+
+def test_lmdeploy_chat_on_cpu_ends_in_the_cuda_error_lab_01_warns_of(tiny_dir):
+    """What a student without a GPU sees when typing lab 01's command (the note in lab 01 quotes it)."""
+    from labkit.engine import chat_command
+    from labkit.gpu import has_cuda
+
+    if has_cuda():
+        pytest.skip("this machine has a CUDA GPU: lmdeploy chat runs here (tests/test_chat_cli.py)")
+    argv = _lmdeploy_argv(chat_command(tiny_dir, "pytorch"))
+    proc = subprocess.run(argv, input="hi\n\nexit\n\n", capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" in out
+    assert "RuntimeError: Found no NVIDIA driver on your system" in out.strip().splitlines()[-1]
