@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TEST = "tests/test_commands.py::test_every_row_runs"
+CHAT_GPU = TEST + "; tests/test_chat_cli.py (gpu, both backends)"
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,16 @@ ROWS: tuple[Row, ...] = (
         "by 0.18", "still works: the extras 'all', 'lite', 'serve' exist; the plain install already serves",
         "tests/test_commands.py::test_every_row_runs (the extras read from the installed package)"),
     Row("offline conversion", "lmdeploy convert internlm2-chat-7b <model>", f"lmdeploy chat {M} --backend turbomind",
-        "v0.10.0 (#3813)", "fails: 'convert' is no longer a command; TurboMind reads Hugging Face weights directly"),
+        "v0.10.0 (#3813)", "fails: 'convert' is no longer a command; TurboMind reads Hugging Face weights directly",
+        CHAT_GPU),
     Row("chat, TurboMind", "lmdeploy chat turbomind ./workspace", f"lmdeploy chat {M} --backend turbomind",
-        "v0.5.1 (#1899)", "fails: the 'chat turbomind|torch' sub-commands are gone; the backend is a flag"),
+        "v0.5.1 (#1899)", "fails: the 'chat turbomind|torch' sub-commands are gone; the backend is a flag", CHAT_GPU),
     Row("chat, template name", f"lmdeploy chat {M} --model-name internlm2-chat-7b",
         f"lmdeploy chat {M} --chat-template template.json",
         "v0.6.0 (#1931)", "fails: chat has no --model-name; the template is --chat-template (default: the tokenizer's)"),
     Row("chat, PyTorch engine", f"lmdeploy chat {M} --backend pytorch", f"lmdeploy chat {M} --backend pytorch",
-        "unchanged", "works (on a CUDA GPU; without one it ends in a CUDA error, see lab 01)"),
+        "unchanged", "works (on a CUDA GPU; without one it ends in a CUDA error, see lab 01)",
+        CHAT_GPU + "; tests/test_commands.py::test_lmdeploy_chat_on_cpu_ends_in_the_cuda_error_lab_01_warns_of"),
     Row("API server", f"lmdeploy serve api_server {M} --model-name internlm2 --server-name 0.0.0.0 "
         "--server-port 23333 --tp 1",
         f"lmdeploy serve api_server {M} --model-name internlm2 --server-name 0.0.0.0 --server-port 23333 --tp 1 "
@@ -76,14 +79,16 @@ ROWS: tuple[Row, ...] = (
         f"lmdeploy serve api_server {M} --quant-policy 8", "v0.4.0 (#1377)",
         "accepted, but means int4 now: before 0.4.0, 4 meant int8 KV (camp 1); int8 is 8"),
     Row("KV policies of 0.18", "(none)", f"lmdeploy serve api_server {M} --backend pytorch --quant-policy 16",
-        "new by 0.18", "16/17 = FP8 (PyTorch engine only), 42 = TurboQuant; see lab 04"),
+        "new by 0.18", "16/17 = FP8 (PyTorch engine only), 42 = TurboQuant; see lab 04",
+        TEST + "; tests/test_kvcache.py (bytes vs lmdeploy's cache plan); notebooks/04_kv_cache.ipynb (gpu)"),
     Row("KV cache ratio", f"lmdeploy serve api_server {M} --cache-max-entry-count 0.4",
         f"lmdeploy serve api_server {M} --cache-max-entry-count 0.4", "v0.2.2 (docs/en/llm/pipeline.md)",
         "accepted; in 0.2.0-0.2.1 a share of the total GPU memory, now of the memory free after the weights",
         "tests/test_kvcache.py::test_predict_matches_lmdeploys_executor"),
     Row("the course's tiny KV cache", f"lmdeploy serve api_server {M} --cache-max-entry-count 0.01",
         f"lmdeploy serve api_server {M} --cache-max-entry-count 0.01", "unchanged",
-        "works (the PyTorch engine refuses 1.0 and above); lab 04's full profile runs it"),
+        "works (the PyTorch engine refuses 1.0 and above); lab 04's full profile runs it",
+        TEST + "; notebooks/04_kv_cache.ipynb (gpu, full profile)"),
     Row("engine config", "TurbomindEngineConfig(cache_max_entry_count=0.2, session_len=8192)",
         "TurbomindEngineConfig(cache_max_entry_count=0.2, session_len=8192)", "unchanged",
         "works; PytorchEngineConfig takes the same two"),
@@ -104,7 +109,8 @@ ROWS: tuple[Row, ...] = (
         "accepted, but the template writes a bare 'environment' turn the model does not expect"),
     Row("function calling server", f"lmdeploy serve api_server {M}",
         f"lmdeploy serve api_server {M} --tool-call-parser internlm", "by 0.18",
-        "starts, but without --tool-call-parser the reply's tool calls stay plain text (lab 02)"),
+        "starts, but without --tool-call-parser the reply's tool calls stay plain text (lab 02)",
+        TEST + "; notebooks/02_serving.ipynb (gpu)"),
     Row("vision models", "pipeline('internlm/internlm-xcomposer2-vl-7b')", "pipeline('OpenGVLab/InternVL3-1B-hf')",
         "v0.15.0 (#4693)", "fails: XComposer2 support was removed; LLaVA (LlavaLlamaForCausalLM) still matches, "
         "with the LLaVA repository installed", "notebooks/05_vision.ipynb"),
