@@ -51,8 +51,8 @@ ROWS: tuple[Row, ...] = (
     Row("API server", f"lmdeploy serve api_server {M} --model-name internlm2 --server-name 0.0.0.0 "
         "--server-port 23333 --tp 1",
         f"lmdeploy serve api_server {M} --model-name internlm2 --server-name 0.0.0.0 --server-port 23333 --tp 1 "
-        "--trust-remote-code", "by 0.18",
-        "works; InternLM2.5 loads remote code, which lmdeploy 0.18 runs only with --trust-remote-code (default off)"),
+        "--trust-remote-code", "v0.13.0 (#4511)",
+        "works; but InternLM2.5 loads remote code, which lmdeploy now runs only with --trust-remote-code (default off)"),
     Row("command-line client", "lmdeploy serve api_client http://localhost:23333",
         "openai.OpenAI(base_url='http://localhost:23333/v1', api_key='none')", "v0.10.0 (#3830)",
         "fails: 'serve' has only api_server and proxy; use the OpenAI client, curl, or demo/app.py",
@@ -70,7 +70,7 @@ ROWS: tuple[Row, ...] = (
     Row("AWQ scale search", f"lmdeploy lite auto_awq {M} --search-scale False --work-dir <out>",
         f"lmdeploy lite auto_awq {M} --work-dir <out>", "v0.6.3 (#2725)",
         "fails: --search-scale is a switch and takes no value (in 0.4.2-0.6.2, type=bool made 'False' mean True)"),
-    Row("AWQ model format", f"lmdeploy chat {M} --model-format awq", f"lmdeploy chat {M}", "by 0.18",
+    Row("AWQ model format", f"lmdeploy chat {M} --model-format awq", f"lmdeploy chat {M}", "v0.5.0 (#1799)",
         "accepted but not needed: the engine reads quantization_config from the AWQ folder's config.json"),
     Row("KV int8, offline", f"lmdeploy lite kv_qparams {M} ./workspace/triton_models/weights",
         f"lmdeploy serve api_server {M} --quant-policy 8", "v0.6.0 (#1931)",
@@ -79,7 +79,8 @@ ROWS: tuple[Row, ...] = (
         f"lmdeploy serve api_server {M} --quant-policy 8", "v0.4.0 (#1377)",
         "accepted, but means int4 now: before 0.4.0, 4 meant int8 KV (camp 1); int8 is 8"),
     Row("KV policies of 0.18", "(none)", f"lmdeploy serve api_server {M} --backend pytorch --quant-policy 16",
-        "new by 0.18", "16/17 = FP8 (PyTorch engine only), 42 = TurboQuant; see lab 04",
+        "42: v0.13.0 (#4510); 16, 17: v0.14.0 (#4563)",
+        "16/17 = FP8 (PyTorch engine only), 42 = TurboQuant; see lab 04",
         TEST + "; tests/test_kvcache.py (bytes vs lmdeploy's cache plan); notebooks/04_kv_cache.ipynb (gpu)"),
     Row("KV cache ratio", f"lmdeploy serve api_server {M} --cache-max-entry-count 0.4",
         f"lmdeploy serve api_server {M} --cache-max-entry-count 0.4", "v0.2.2 (docs/en/llm/pipeline.md)",
@@ -93,7 +94,7 @@ ROWS: tuple[Row, ...] = (
         "TurbomindEngineConfig(cache_max_entry_count=0.2, session_len=8192)", "unchanged",
         "works; PytorchEngineConfig takes the same two"),
     Row("engine config, model format", "TurbomindEngineConfig(model_format='awq')", "TurbomindEngineConfig()",
-        "by 0.18", "accepted but not needed (read from the model's config.json)"),
+        "v0.5.0 (#1799)", "accepted but not needed (read from the model's config.json)"),
     Row("generation config", "GenerationConfig(max_new_tokens=256, top_p=0.8, top_k=40, temperature=0.8, "
         "repetition_penalty=1.05)", "GenerationConfig(max_new_tokens=256, top_p=0.8, top_k=40, temperature=0.8, "
         "repetition_penalty=1.05)", "unchanged", "works"),
@@ -108,7 +109,7 @@ ROWS: tuple[Row, ...] = (
         "{'role': 'tool', 'tool_call_id': <the call's id>, 'content': '8'}", "v0.6.0 (#2147)",
         "accepted, but the template writes a bare 'environment' turn the model does not expect"),
     Row("function calling server", f"lmdeploy serve api_server {M}",
-        f"lmdeploy serve api_server {M} --tool-call-parser internlm", "by 0.18",
+        f"lmdeploy serve api_server {M} --tool-call-parser internlm", "v0.7.2 (#3198: --tool-call-parser)",
         "starts, but without --tool-call-parser the reply's tool calls stay plain text (lab 02)",
         TEST + "; notebooks/02_serving.ipynb (gpu)"),
     Row("vision models", "pipeline('internlm/internlm-xcomposer2-vl-7b')", "pipeline('OpenGVLab/InternVL3-1B-hf')",
