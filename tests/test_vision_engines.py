@@ -148,3 +148,27 @@ def test_memory_table_and_load_or_none(tiny_vl, capsys):
     assert table["MiB"].tolist()[-2:] == [1536.0, 12.0] and len(table) == len(weights) + 3
     assert vision.load_or_none("/no/such/picture.png") is None
     assert "no image file at /no/such/picture.png" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["turbomind", "pytorch"])
+def test_tiny_vl_sees_an_image_and_refuses_the_4k_one_on_each_engine(tiny_vl, backend):
+    """Lab 05's path on each engine: an answer within the deadline, the image costs exactly as predicted,
+    and the 4K picture refused as an over-long prompt (TurboMind ran its own InternViT here: head_dim 64)."""
+    from labkit.engine import Engine, EngineError, choose_backend
+
+    try:
+        choose_backend(tiny_vl, backend)
+    except EngineError as err:
+        pytest.skip(f"{backend} cannot run here: {err}")
+    imgs = {k: vision.load(p) for k, p in vision.sample_images().items() if k in ("circle", "text", "large")}
+    with Engine(tiny_vl, backend=backend, cache_ratio=0.05, session_len=2048, name=f"vl-{backend}") as eng:
+        assert eng.backend == backend
+        replies = vision.within(180, lambda: eng.generate([(QUESTION, imgs["circle"]), (QUESTION, imgs["text"])],
+                                                          max_new_tokens=8), f"tiny-vl on {backend}")
+        assert all(r.finish_reason in ("stop", "length") for r in replies), replies
+        predicted = [vision.token_cost(tiny_vl, imgs[k]) for k in ("circle", "text")]
+        assert vision.check_prediction(predicted, [r.input_token_len for r in replies],
+                                       vision.text_tokens(tiny_vl, QUESTION)) == []
+        trap = vision.within(180, lambda: eng.generate((QUESTION, imgs["large"]), max_new_tokens=8), "the 4K picture")
+        assert vision.is_context_refusal(trap), (trap.finish_reason, trap.error_code, trap.error_message)
