@@ -81,8 +81,11 @@ def test_changed_meanings_are_shown_on_what_lmdeploy_builds(tiny_dir):
     assert r"<tool_response>\n8\n</tool_response>" in tool and r"<|im_start|>environment\n8" in env
 
 
-def test_a_bad_form_fails_with_lmdeploys_own_error():
+def test_a_bad_form_fails_with_lmdeploys_own_error(tmp_path):
     """The runner can fail: a wrong flag, a refused config, a command that is not lmdeploy's."""
+    (tmp_path / "config.json").write_text("{}")  # a folder with no tokenizer: the form builds, its prompt cannot
+    shown = commands.run("ChatTemplateConfig(model_name='hf', model_path='{model}')", tmp_path)
+    assert shown.ok and "prompt not shown" in shown.said
     bad = commands.run("lmdeploy chat m --no-such-flag")
     assert not bad.ok and "unrecognized arguments: --no-such-flag" in bad.said
     fp8 = commands.run("TurbomindEngineConfig(quant_policy=16)")
@@ -97,7 +100,7 @@ def test_a_bad_form_fails_with_lmdeploys_own_error():
 
 def test_docs_commands_md_is_current():
     text = (ROOT / "docs" / "commands.md").read_text()
-    assert text == commands.markdown(), "regenerate: python -m labkit.commands > docs/commands.md"
+    assert text == commands.docs(), "regenerate: python -m labkit.commands > docs/commands.md"
     assert text.count("\n| ") >= 16 and "FAILS: lmdeploy" in text
 
 
