@@ -172,3 +172,26 @@ def test_tiny_vl_sees_an_image_and_refuses_the_4k_one_on_each_engine(tiny_vl, ba
                                        vision.text_tokens(tiny_vl, QUESTION)) == []
         trap = vision.within(180, lambda: eng.generate((QUESTION, imgs["large"]), max_new_tokens=8), "the 4K picture")
         assert vision.is_context_refusal(trap), (trap.finish_reason, trap.error_code, trap.error_message)
+
+
+def test_server_chat_has_a_deadline():
+    """A server that accepts the connection and never answers: the lab's message within the deadline."""
+    import socket
+
+    import openai
+
+    from labkit.serve import free_port
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{silent.getsockname()[1]}/v1", api_key="none",
+                               timeout=60, max_retries=0)
+        start = time.monotonic()
+        with pytest.raises(vision.RequestTimeout, match="got no answer within 0.5 s"):
+            vision.server_chat(client, "m", [{"role": "user", "content": "hi"}], timeout=0.5, max_tokens=4)
+        assert time.monotonic() - start < 3
+    finally:
+        silent.close()
+    closed = openai.OpenAI(base_url=f"http://127.0.0.1:{free_port()}/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.APIConnectionError):  # the server's own errors come through unchanged
+        vision.server_chat(closed, "m", [{"role": "user", "content": "hi"}], timeout=30, max_tokens=4)

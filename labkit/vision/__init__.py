@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from labkit.vision import tiny_vl as _tiny_vl  # noqa: F401  (registers generated:tiny-vl)
 from labkit.vision.engines import (CONTEXT_CODE, REQUEST_TIMEOUT_S, TURBOMIND_VIT_HEAD_DIMS, RequestTimeout,
-                                   check_prediction, is_context_refusal, turbomind_vision_problem, vision_head_dim,
-                                   within)
+                                   check_prediction, is_context_refusal, server_chat, turbomind_vision_problem,
+                                   vision_head_dim, within)
 from labkit.vision.images import (BAD_SAMPLES, IMAGES_VERSION, SAMPLES, URL_TIMEOUT, ImageError, data_url,
                                   describe_samples, image_part, load, load_or_none, resize_longest, sample_images, show,
                                   user_message)

@@ -88,3 +88,9 @@ def within(seconds: float, fn: Callable[[], T], what: str = "the request") -> T:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def server_chat(client: Any, model: str, messages: list, timeout: float = REQUEST_TIMEOUT_S, **options: Any):
+    """client.chat.completions.create(model, messages, **options) within `timeout` s, else RequestTimeout."""
+    return within(timeout, lambda: client.chat.completions.create(model=model, messages=messages, **options),
+                  f"the request to {client.base_url}")
