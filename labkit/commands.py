@@ -67,6 +67,10 @@ ROWS: tuple[Row, ...] = (
     Row("AWQ calibration data", f"lmdeploy lite auto_awq {M} --calib-dataset ptb --work-dir <out>",
         f"lmdeploy lite auto_awq {M} --calib-dataset wikitext2 --work-dir <out>", "v0.12.0 (#4256)",
         "fails: ptb is not a choice; every choice is downloaded from a hub (labkit.quant calibrates offline)"),
+    Row("AWQ settings", f"lmdeploy lite auto_awq {M} --calib-samples 128 --calib-seqlen 2048 --w-bits 4 "
+        "--w-group-size 128 --batch-size 1 --work-dir <out>", f"lmdeploy lite auto_awq {M} --calib-samples 128 "
+        "--calib-seqlen 2048 --w-bits 4 --w-group-size 128 --batch-size 1 --work-dir <out>", "unchanged",
+        "works (lab 03 runs labkit's offline calibration with the same settings)"),
     Row("AWQ scale search", f"lmdeploy lite auto_awq {M} --search-scale False --work-dir <out>",
         f"lmdeploy lite auto_awq {M} --work-dir <out>", "v0.6.3 (#2725)",
         "fails: --search-scale is a switch and takes no value (in 0.4.2-0.6.2, type=bool made 'False' mean True)"),
@@ -98,6 +102,13 @@ ROWS: tuple[Row, ...] = (
     Row("generation config", "GenerationConfig(max_new_tokens=256, top_p=0.8, top_k=40, temperature=0.8, "
         "repetition_penalty=1.05)", "GenerationConfig(max_new_tokens=256, top_p=0.8, top_k=40, temperature=0.8, "
         "repetition_penalty=1.05)", "unchanged", "works"),
+    Row("response fields", "Response(text='', generate_token_len=0, input_token_len=0, finish_reason='length')",
+        "Response(text='', generate_token_len=0, input_token_len=0, finish_reason='error', "
+        "error_code='context_length_exceeded')", "v0.16.0 (#4856)",
+        "works; a refused request now also says why (error_code, error_message: lab 05's trap)",
+        TEST + "; tests/test_vision_engines.py"),
+    Row("images", "from lmdeploy.vl import load_image", "from lmdeploy.vl import load_image", "unchanged",
+        "works (labkit.vision.load adds clear errors for bad files; lab 05 shows both give the same pixels)"),
     Row("chat template by name", "ChatTemplateConfig(model_name='internlm2')",
         "ChatTemplateConfig(model_name='hf', model_path='{model}')  # or leave it out", "v0.10.0 (#3845)",
         "accepted but silently wrong: 'internlm2' is no longer a template, the prompt goes in bare "
@@ -165,7 +176,9 @@ def _namespace(model: str) -> dict:
     import lmdeploy
     from lmdeploy import ChatTemplateConfig, GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
 
-    return {"lmdeploy": lmdeploy, "ChatTemplateConfig": ChatTemplateConfig, "GenerationConfig": GenerationConfig,
+    from lmdeploy.messages import Response
+
+    return {"lmdeploy": lmdeploy, "Response": Response, "ChatTemplateConfig": ChatTemplateConfig, "GenerationConfig": GenerationConfig,
             "TurbomindEngineConfig": TurbomindEngineConfig, "PytorchEngineConfig": PytorchEngineConfig,
             "model": model}
 
@@ -189,6 +202,12 @@ def run(form: str, model: str | Path = "<model>") -> Outcome:
 
         client = eval(form, {"openai": openai})  # noqa: S307 - our own table's text, never user input
         return Outcome(True, f"client for {client.base_url}")
+    if form.startswith("from lmdeploy"):
+        try:
+            exec(form, {})  # noqa: S102 - our own table's text, never user input
+        except ImportError as err:
+            return Outcome(False, f"ImportError: {err}")
+        return Outcome(True, "imports")
     if form.startswith("pipeline("):
         return _vision_outcome(form)
     if form == "(none)":
