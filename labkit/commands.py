@@ -84,7 +84,7 @@ ROWS: tuple[Row, ...] = (
         "accepted, but means int4 now: before 0.4.0, 4 meant int8 KV (camp 1); int8 is 8"),
     Row("KV policies of 0.18", "(none)", f"lmdeploy serve api_server {M} --backend pytorch --quant-policy 16",
         "42: v0.13.0 (#4510); 16, 17: v0.14.0 (#4563)",
-        "16/17 = FP8 (PyTorch engine only), 42 = TurboQuant; see lab 04",
+        "16/17 = FP8, 42 = TurboQuant, both PyTorch engine only (TurboMind: no FP8; 42 would run as int8); lab 04",
         TEST + "; tests/test_kvcache.py (bytes vs lmdeploy's cache plan); notebooks/04_kv_cache.ipynb (gpu)"),
     Row("KV cache ratio", f"lmdeploy serve api_server {M} --cache-max-entry-count 0.4",
         f"lmdeploy serve api_server {M} --cache-max-entry-count 0.4", "v0.2.2 (docs/en/llm/pipeline.md)",

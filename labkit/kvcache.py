@@ -16,7 +16,11 @@ if TYPE_CHECKING:
 QUANT_POLICIES = {0: "fp16/bf16 KV", 4: "int4 KV", 8: "int8 KV", 16: "fp8 e4m3 KV", 17: "fp8 e5m2 KV",
                   42: "TurboQuant KV"}
 COURSE_POLICIES = (0, 4, 8)   # what the course taught (lab 00's budget); 16, 17 and 42 are new in 0.18's list
-TURBOMIND_REFUSES = (16, 17)  # lmdeploy 0.18's TurbomindEngineConfig: "FP8 quantization is not supported"
+# TurboMind: its config refuses FP8 ("FP8 quantization is not supported"); 42 it accepts, but its kernels read
+# quant_policy as bit flags (src/turbomind/kernels/attention/decoding.cu: policy & 8 = int8, & 4 = int4) and have
+# no TurboQuant path (nor has the 0.18 wheel's _turbomind.so any TurboQuant symbol), so 42 (0b101010) would
+# quietly run as int8. labkit refuses both on TurboMind.
+TURBOMIND_REFUSES = (16, 17, 42)
 
 
 def text_config(model_dir: str | Path) -> dict:
@@ -55,8 +59,9 @@ def check_policy(quant_policy: int, backend: str | None = None) -> int:
         raise ValueError(f"quant_policy must be one of {sorted(QUANT_POLICIES)} "
                          f"({', '.join(f'{k}: {v}' for k, v in QUANT_POLICIES.items())}), not {quant_policy!r}")
     if backend == "turbomind" and quant_policy in TURBOMIND_REFUSES:
+        why = "no FP8 KV cache" if quant_policy != 42 else "no TurboQuant kernels: 42 would run as int8"
         raise ValueError(f"quant_policy {quant_policy} ({QUANT_POLICIES[quant_policy]}) runs on lmdeploy's PyTorch "
-                         f"engine only (TurboMind has no FP8 KV cache): use backend='pytorch', or 0/4/8/42")
+                         f"engine only (TurboMind has {why}): use backend='pytorch', or 0/4/8 on TurboMind")
     return quant_policy
 
 

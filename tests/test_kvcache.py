@@ -260,5 +260,9 @@ def test_fp8_on_turbomind_is_refused_by_labkit_and_by_lmdeploy():
     assert "PyTorch engine only" in one_line(err)
     with pytest.raises(Exception, match="FP8 quantization is not supported"):  # pydantic's ValidationError
         TurbomindEngineConfig(quant_policy=16)
-    assert int(engine_config("turbomind", quant_policy=42).quant_policy) == 42
+    with pytest.raises(ValueError) as err:  # lmdeploy's config takes 42; TurboMind's kernels would run it as int8
+        engine_config("turbomind", quant_policy=42)
+    assert "42 would run as int8" in one_line(err)
+    assert int(TurbomindEngineConfig(quant_policy=42).quant_policy) == 42
     assert int(engine_config("pytorch", quant_policy=17).quant_policy) == 17
+    assert int(engine_config("pytorch", quant_policy=42).quant_policy) == 42
