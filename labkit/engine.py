@@ -96,6 +96,8 @@ def choose_backend(model_dir: str | Path, requested: str = "auto") -> tuple[str,
 
             if not is_supported(str(model_dir), trust_remote_code=needs_remote_code(model_dir)):
                 model_ok, why = False, f"TurboMind does not support the architecture of {Path(model_dir).name}"
+            elif (vision_problem := _turbomind_vision_problem(model_dir)) is not None:
+                model_ok, why = False, vision_problem
         except Exception as err:  # its import needs the CUDA 12 runtime
             tm_ok = model_ok = False
             why = f"TurboMind failed to load ({type(err).__name__}: {str(err)[:80]})"
@@ -130,6 +132,12 @@ def _noted(model_dir: str | Path, backend: str, why: str) -> tuple[str, str]:
         except OSError:
             pass
     return backend, why
+
+
+def _turbomind_vision_problem(model_dir: str | Path) -> str | None:
+    from labkit.vision.engines import turbomind_vision_problem
+
+    return turbomind_vision_problem(model_dir)
 
 
 def needs_remote_code(model_dir: str | Path) -> bool:
@@ -174,7 +182,7 @@ def check_options(cache_ratio: float = 0.8, quant_policy: int = 0, session_len: 
     """Check engine options before anything loads (engine_config and labkit.serve use it); with the
     chosen `backend`, also what that backend needs."""
     kvcache.check_ratio(cache_ratio, backend)
-    kvcache.check_policy(quant_policy)
+    kvcache.check_policy(quant_policy, backend)
     if session_len is not None and (not isinstance(session_len, int) or session_len < 16):
         raise EngineError(f"session_len must be a whole number of tokens >= 16 (or None for the model's), "
                           f"not {session_len!r}")

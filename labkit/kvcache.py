@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas
 
-QUANT_POLICIES = {0: "fp16/bf16 KV", 4: "int4 KV", 8: "int8 KV"}
+QUANT_POLICIES = {0: "fp16/bf16 KV", 4: "int4 KV", 8: "int8 KV", 16: "fp8 e4m3 KV", 17: "fp8 e5m2 KV",
+                  42: "TurboQuant KV"}
+COURSE_POLICIES = (0, 4, 8)   # what the course taught (lab 00's budget); 16, 17 and 42 are new in 0.18's list
+# TurboMind: its config refuses FP8 ("FP8 quantization is not supported"); 42 it accepts, but its kernels read
+# quant_policy as bit flags (src/turbomind/kernels/attention/decoding.cu: policy & 8 = int8, & 4 = int4) and have
+# no TurboQuant path (nor has the 0.18 wheel's _turbomind.so any TurboQuant symbol), so 42 (0b101010) would
+# quietly run as int8. labkit refuses both on TurboMind.
+TURBOMIND_REFUSES = (16, 17, 42)
 
 
 def text_config(model_dir: str | Path) -> dict:
@@ -46,11 +53,15 @@ class ModelShape:
                    vocab=cfg.get("vocab_size", 0))
 
 
-def check_policy(quant_policy: int) -> int:
-    """The policy itself, or a ValueError listing the valid ones."""
+def check_policy(quant_policy: int, backend: str | None = None) -> int:
+    """The policy itself, or a ValueError listing the valid ones (for `backend`, when given)."""
     if quant_policy not in QUANT_POLICIES:
         raise ValueError(f"quant_policy must be one of {sorted(QUANT_POLICIES)} "
                          f"({', '.join(f'{k}: {v}' for k, v in QUANT_POLICIES.items())}), not {quant_policy!r}")
+    if backend == "turbomind" and quant_policy in TURBOMIND_REFUSES:
+        why = "no FP8 KV cache" if quant_policy != 42 else "no TurboQuant kernels: 42 would run as int8"
+        raise ValueError(f"quant_policy {quant_policy} ({QUANT_POLICIES[quant_policy]}) runs on lmdeploy's PyTorch "
+                         f"engine only (TurboMind has {why}): use backend='pytorch', or 0/4/8 on TurboMind")
     return quant_policy
 
 
@@ -123,8 +134,8 @@ def budget(model_dir: str | Path, ratio: float = 0.8, gpu_free_gib: float | None
     kv = int(after * ratio)
     shape = ModelShape.from_dir(model_dir)
     rows = []
-    for policy, label in QUANT_POLICIES.items():
-        per_token = bytes_per_token(shape, policy)
+    for policy in COURSE_POLICIES:
+        label, per_token = QUANT_POLICIES[policy], bytes_per_token(shape, policy)
         rows.append({"kv policy": f"{policy} ({label})", "weights GiB": weights / 1024**3,
                      "kv cache GiB": kv / 1024**3, "runtime GiB": RUNTIME_OVERHEAD / 1024**3,
                      "left free GiB": (free - weights - RUNTIME_OVERHEAD - kv) / 1024**3,
@@ -173,12 +184,18 @@ def block_bytes(shape: ModelShape, quant_policy: int = 0, block_size: int = BLOC
     """Bytes of one KV-cache block over all layers, laid out as lmdeploy 0.18's PyTorch engine lays it out."""
     check_policy(quant_policy)
     block_size = effective_block_size(shape, block_size)
+    rows = block_size * shape.kv_heads
     if quant_policy == 0:
-        parts = [block_size * shape.kv_heads * shape.head_dim * shape.dtype_bytes] * 2
+        parts = [rows * shape.head_dim * shape.dtype_bytes] * 2
+    elif quant_policy in (16, 17):                          # fp8: one byte a value, one scale per tensor
+        parts = [rows * shape.head_dim] * 2
+    elif quant_policy == 42:                                # TurboQuant: K 4-bit, V 2-bit (cache_engine/schema.py)
+        parts = [rows * (shape.head_dim // 2), rows * (shape.head_dim // 4)]
+        parts += [rows * 2 * shape.dtype_bytes, rows * 1 * shape.dtype_bytes]  # K scale + zero, V scale
     else:
         dim = shape.head_dim // 2 if quant_policy == 4 else shape.head_dim  # int4 packs 2 values per byte
-        parts = [block_size * shape.kv_heads * dim] * 2                      # K, V as uint8
-        parts += [block_size * shape.kv_heads * 2 * shape.dtype_bytes] * 2   # K, V scale + zero
+        parts = [rows * dim] * 2                                             # K, V as uint8
+        parts += [rows * 2 * shape.dtype_bytes] * 2                          # K, V scale + zero
     return shape.layers * sum(_aligned(p) for p in parts)
 
 

@@ -53,8 +53,8 @@ CATALOGUE: dict[str, CourseModel] = {
             "InternVL3-1B-hf", "vision", "OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-1B-hf",
             ("/root/share/new_models/OpenGVLab/InternVL3-1B-hf", "/share/new_models/OpenGVLab/InternVL3-1B-hf"),
             disk_gib=1.9, min_gpu_gib=5.0,
-            notes="vision-language model for lab 05 (the course used LLaVA / XComposer2, "
-                  "which lmdeploy 0.15 dropped)", labs=("05",)),
+            notes="vision-language model for lab 05 (the course used LLaVA, which lmdeploy 0.18 loads only "
+                  "with the LLaVA repository installed, and XComposer2, which 0.15 dropped)", labs=("05",)),
     ]
 }
 

@@ -16,10 +16,17 @@ PROMPT_MARK = "double enter to end input >>> "  # what lmdeploy/cli/chat.py prin
 
 
 @pytest.mark.gpu
-def test_lmdeploy_chat_answers_and_exits():
+@pytest.mark.parametrize("requested", ["auto", "turbomind", "pytorch"])
+def test_lmdeploy_chat_answers_and_exits(requested):
+    """Lab 01 shows the command for each backend; each runs where it can (auto is what a student types)."""
     model = models.default("chat")
-    backend, why = engine.choose_backend(models.resolve(model))
-    cmd = engine.chat_command(model, "auto", session_len=256, cache_ratio=0.1, eager=True)
+    auto, why = engine.choose_backend(models.resolve(model))
+    if requested != "auto" and requested == auto:
+        pytest.skip(f"{requested} is what auto picks here: the auto case ran it")
+    if requested == "turbomind" and auto != "turbomind":
+        pytest.skip(f"TurboMind cannot run here ({why})")
+    backend = auto if requested == "auto" else requested
+    cmd = engine.chat_command(model, requested, session_len=256, cache_ratio=0.1, eager=True)
     print(cmd, f"({why})")
     assert f"--backend {backend}" in cmd
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")

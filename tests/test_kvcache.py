@@ -70,10 +70,11 @@ def test_bytes_per_token_is_a_block_over_its_tokens(tiny_dir):
 def test_per_token_table(tiny_dir):
     table = kvcache.per_token_table(tiny_dir)
     assert list(table.columns) == ["quant_policy", "kv policy", "bytes per token", "vs fp16"]
-    assert table["quant_policy"].tolist() == [0, 4, 8]
-    assert table["kv policy"].tolist() == ["0 (fp16/bf16 KV)", "4 (int4 KV)", "8 (int8 KV)"]
-    assert table["bytes per token"].tolist() == [1024, 288, 544]
-    assert table["vs fp16"].tolist() == [1.0, 1024 / 288, 1024 / 544]
+    assert table["quant_policy"].tolist() == [0, 4, 8, 16, 17, 42]
+    assert table["kv policy"].tolist()[:4] == ["0 (fp16/bf16 KV)", "4 (int4 KV)", "8 (int8 KV)", "16 (fp8 e4m3 KV)"]
+    # 2 layers x 2 KV heads x (K + V) per token; TurboQuant: K 32 B + V 16 B + scales 4 B + 2 B a head
+    assert table["bytes per token"].tolist() == [1024, 288, 544, 512, 512, 216]
+    assert table["vs fp16"].tolist() == [1.0, 1024 / 288, 1024 / 544, 2.0, 2.0, 1024 / 216]
     assert table.equals(kvcache.per_token_table(ModelShape.from_dir(tiny_dir)))
 
 
@@ -149,7 +150,7 @@ def test_block_bytes_match_lmdeploys_cache_plan(which, tiny_dir, bench_shape_dir
     model_dir = tiny_dir if which == "tiny" else bench_shape_dir
     mc = lmdeploy_on_cpu.ModelConfig.from_pretrained(str(model_dir), dtype="auto", device_type="cuda", block_size=64)
     shape = ModelShape.from_dir(model_dir)
-    for policy in (0, 4, 8):
+    for policy in (0, 4, 8, 16, 17, 42):  # every policy lmdeploy 0.18 knows
         cc = lmdeploy_on_cpu.CacheConfig(max_batches=128, block_size=64, num_cpu_blocks=0, num_gpu_blocks=0,
                                          quant_policy=QuantPolicy(policy))
         theirs = build_block_cache_plan(mc, cc, 1).logical_block_nbytes  # allocates one block on 'meta'
@@ -203,8 +204,8 @@ def test_predict_matches_lmdeploys_executor(free, ratio, policy, batches, tiny_d
 
 @pytest.mark.parametrize("ratio, policy, expect", [
     (1.5, 0, "must be in (0, 1]"), (0, 0, "must be in (0, 1]"), (-0.2, 8, "must be in (0, 1]"),
-    (1.0, 0, "must be below 1"), (0.4, 3, "quant_policy must be one of [0, 4, 8]"),
-    (0.4, 16, "quant_policy must be one of"),
+    (1.0, 0, "must be below 1"), (0.4, 3, "quant_policy must be one of [0, 4, 8, 16, 17, 42]"),
+    (0.4, 5, "quant_policy must be one of"),
 ])
 def test_bad_input_is_one_clear_line(ratio, policy, expect, tiny_dir):
     with pytest.raises(ValueError) as err:
@@ -229,9 +230,9 @@ def test_sweep_checks_every_run_before_starting(tiny_dir):
 
 def test_capacity_table_and_budget_still_work(tiny_dir):
     table = kvcache.capacity_table(tiny_dir, ratios=(0.4,), free_bytes=8 * GiB, max_batch_size=384)
-    assert list(table["kv policy"]) == ["0 (fp16/bf16 KV)", "4 (int4 KV)", "8 (int8 KV)"]
-    fp16, int4, int8 = table["tokens that fit"]
-    assert int8 / fp16 > 1.8 and int4 / fp16 > 3.4
+    assert list(table["kv policy"])[:3] == ["0 (fp16/bf16 KV)", "4 (int4 KV)", "8 (int8 KV)"]
+    fp16, int4, int8, fp8, fp8_e5m2, turbo = table["tokens that fit"]
+    assert int8 / fp16 > 1.8 and int4 / fp16 > 3.4 and fp8 / fp16 > 1.9 and turbo / fp16 > 4.5
     assert table["bytes per token"].tolist() == kvcache.per_token_table(tiny_dir)["bytes per token"].tolist()
     budget = kvcache.budget(tiny_dir, ratio=0.8, gpu_free_gib=24)  # lab 00
     assert len(budget) == 3 and (budget["tokens that fit"] > 0).all()
@@ -246,3 +247,22 @@ def test_agreement():
 
 # On a GPU, notebooks/04_kv_cache.ipynb checks the predictor against real engines (blocks within 10%, the
 # engine's own block count per KV policy); the GPU suite runs it there rather than starting another engine here.
+
+
+def test_fp8_on_turbomind_is_refused_by_labkit_and_by_lmdeploy():
+    """labkit says it in one line before lmdeploy's own assert would."""
+    from lmdeploy import TurbomindEngineConfig
+
+    from labkit.engine import engine_config
+
+    with pytest.raises(ValueError) as err:
+        engine_config("turbomind", quant_policy=16)
+    assert "PyTorch engine only" in one_line(err)
+    with pytest.raises(Exception, match="FP8 quantization is not supported"):  # pydantic's ValidationError
+        TurbomindEngineConfig(quant_policy=16)
+    with pytest.raises(ValueError) as err:  # lmdeploy's config takes 42; TurboMind's kernels would run it as int8
+        engine_config("turbomind", quant_policy=42)
+    assert "42 would run as int8" in one_line(err)
+    assert int(TurbomindEngineConfig(quant_policy=42).quant_policy) == 42
+    assert int(engine_config("pytorch", quant_policy=17).quant_policy) == 17
+    assert int(engine_config("pytorch", quant_policy=42).quant_policy) == 42
