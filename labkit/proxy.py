@@ -188,7 +188,7 @@ class Group:
                  ("min_expected_latency",), name: str = "scale", cache_ratio: float = 0.05, tp: int = 1,
                  backend: str = "auto", extra_args: tuple[str, ...] | list[str] = (), heartbeat: int = HEARTBEAT_S,
                  n_gpus: int | None = None, startup_timeout: float = 300.0, command: list[str] | None = None,
-                 show: bool = True, **server_kwargs: Any):
+                 server_args: list[list[str]] | None = None, show: bool = True, **server_kwargs: Any):
         if not isinstance(servers, int) or not 1 <= servers <= MAX_SERVERS:
             raise ProxyError(f"servers must be a whole number in 1..{MAX_SERVERS}, not {servers!r}")
         strategies = [check_strategy(s) for s in strategies]
@@ -196,6 +196,10 @@ class Group:
             raise ProxyError(f"strategies must name each routing strategy once, not {strategies!r}")
         if not isinstance(extra_args, (list, tuple)) or "--proxy-url" in extra_args:
             raise ProxyError("extra_args must be a list of strings without --proxy-url (the group sets it)")
+        server_args = [list(a) for a in server_args] if server_args is not None else [[] for _ in range(servers)]
+        if len(server_args) != servers or any("--proxy-url" in a for a in server_args):
+            raise ProxyError(f"server_args needs one list of options per server ({servers}), without --proxy-url")
+        self.server_args = server_args
         from labkit.gpu import gpus
         from labkit.live import replace_earlier
         from labkit.models import resolve
@@ -247,7 +251,7 @@ class Group:
 
     def _start_one(self, i: int, args: list[str], kwargs: dict) -> Server:
         env = {"CUDA_VISIBLE_DEVICES": self.devices[i]} if self.devices[i] is not None else None
-        return Server(self.model, name=f"{self.name}-{i}", extra_args=args, env=env, **kwargs)
+        return Server(self.model, name=f"{self.name}-{i}", extra_args=self.server_args[i] + args, env=env, **kwargs)
 
     # ------------------------------------------------------------------ facts
     def proxy(self, strategy: str | None = None) -> Proxy:

@@ -142,3 +142,25 @@ def _per_request(before: dict, after: dict) -> float | None:
     if n <= 0:
         return None
     return round((after.get(metrics.PROMPT_TOKENS_SUM, 0.0) - before.get(metrics.PROMPT_TOKENS_SUM, 0.0)) / n, 1)
+
+
+def planner_check(sweep_table, compare_table, model_dir, reply_tokens: int, prompt_tokens: int = 32,
+                  strategy: str = "min_expected_latency", share_gpu: bool = True, gpu=None):
+    """labkit.plan calibrated on the single-server sweep, then predicting the compare runs: 1 server (direct)
+    and all servers behind `strategy` at the same concurrency; (table predicted vs measured, calibration)."""
+    import pandas as pd
+
+    from labkit import plan
+
+    model = plan.Model.from_dir(model_dir)
+    gpu = gpu or plan.GPU.here()
+    cal = plan.Calibration.fit(sweep_table, model, gpu, prompt_tokens)
+    load = plan.Load(rps=1.0, prompt_tokens=prompt_tokens, reply_tokens=reply_tokens, latency_s=3600)
+    rows = []
+    for _, m in compare_table.iterrows():
+        if m["strategy"] not in ("-", strategy):
+            continue
+        pred = plan.closed_loop(cal, load, int(m["concurrency"]), int(m["servers"]), share_gpu=share_gpu)
+        rows.append({"setup": m["setup"], **plan.check(pred, m.to_dict()), "predicted ITL ms": pred["predicted ITL ms"],
+                     "measured ITL p50 ms": m["ITL p50 ms"]})
+    return pd.DataFrame(rows), cal
