@@ -33,6 +33,8 @@ from labkit.serve import Server, ServerError
 ROUTING_STRATEGIES = ("random", "min_expected_latency", "min_observed_latency")
 HEARTBEAT_S = 5          # labkit's proxies check their nodes' /health this often (lmdeploy: 90 s)
 MAX_SERVERS = 8
+# The proxy and the servers talk to each other with `requests`, which honours http_proxy: not for 127.0.0.1.
+LOCAL_NO_PROXY = {"NO_PROXY": "127.0.0.1,localhost,::1", "no_proxy": "127.0.0.1,localhost,::1"}
 _groups: dict[str, "Group"] = {}
 
 
@@ -79,7 +81,7 @@ class Proxy:
         command = [sys.executable, "-m", *proxy_args("{host}", "{port}", strategy)]  # type: ignore[arg-type]
         self.server = Server(model, name=name, port=port, host=host, command=command, show=False,
                              startup_timeout=startup_timeout,
-                             env={"LMDEPLOY_CONTROLLER_HEART_BEAT_EXPIRATION": str(heartbeat)})
+                             env={"LMDEPLOY_CONTROLLER_HEART_BEAT_EXPIRATION": str(heartbeat), **LOCAL_NO_PROXY})
         self.argv = self.server.argv[2:]  # as you would type it: lmdeploy serve proxy ...
         self.model_name = self.server.model_name
         if show:
@@ -250,7 +252,9 @@ class Group:
                                                                       self.proxies.items()))
 
     def _start_one(self, i: int, args: list[str], kwargs: dict) -> Server:
-        env = {"CUDA_VISIBLE_DEVICES": self.devices[i]} if self.devices[i] is not None else None
+        env = dict(LOCAL_NO_PROXY)  # the server registers with the proxy through `requests`, which reads http_proxy
+        if self.devices[i] is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.devices[i]
         return Server(self.model, name=f"{self.name}-{i}", extra_args=self.server_args[i] + args, env=env, **kwargs)
 
     # ------------------------------------------------------------------ facts

@@ -9,6 +9,7 @@ from typing import Any
 
 from labkit import loadtest, metrics
 
+PHASES = ("before the kill", "until the proxy dropped it", "after the proxy dropped it")
 WORDS = ("lighthouse keeper harbour ledger storm signal lantern rope tide compass island ferry gull beacon "
          "fog bell chart anchor pier current dune reef mast sail cargo").split()
 
@@ -95,8 +96,8 @@ def kill_test(group, strategy: str | None = None, at: float = 2.0, concurrency: 
     kill_s = event["time"] - t0
     dropped_s = gone.get("t", time.time()) - event["time"]
     drop_at = kill_s + dropped_s
-    recs["phase"] = ["before the kill" if s < kill_s else ("until the proxy dropped it" if s < drop_at else
-                     "after") for s in recs["start s"].fillna(0)]
+    recs["phase"] = [PHASES[0] if s < kill_s else (PHASES[1] if s < drop_at else PHASES[2])
+                     for s in recs["start s"].fillna(0)]
     row.update({"strategy": proxy.strategy, "killed": victim.name, "killed at s": round(kill_s, 2),
                 "proxy dropped it after s": round(dropped_s, 1) if dropped_s is not None else 0.0,
                 "heartbeat s": proxy.heartbeat})
