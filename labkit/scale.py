@@ -165,3 +165,13 @@ def planner_check(sweep_table, compare_table, model_dir, reply_tokens: int, prom
         rows.append({"setup": m["setup"], **plan.check(pred, m.to_dict()), "predicted ITL ms": pred["predicted ITL ms"],
                      "measured ITL p50 ms": m["ITL p50 ms"]})
     return pd.DataFrame(rows), cal
+
+
+def calibrate(server, concurrency: int = 16, requests: int = 64, max_tokens: int = 64, time_limit: float = 120.0):
+    """The single-server numbers the planner is fitted to: one load test at concurrency 1 (a few requests) and one
+    at `concurrency`, straight to `server` (a table like loadtest.sweep's)."""
+    import pandas as pd
+
+    rows = [loadtest.run(server, 1, min(8, requests), max_tokens, time_limit=time_limit),
+            loadtest.run(server, concurrency, requests, max_tokens, time_limit=time_limit)]
+    return pd.DataFrame(rows)
