@@ -66,21 +66,34 @@ def main(argv: list[str] | None = None) -> int:
         planned, cal = scale.planner_check(calib, results, model_dir, reply_tokens=args.tokens,
                                            share_gpu=group.devices[0] is None)
         stamp("planner check done")
-        prefix = scale.prefix_cache(group.servers[0], group.servers[-1], scale.long_system_prompt(args.system_words))
-        stamp("prefix cache done")
+        prefix = None
+        if args.servers > 1:
+            prefix = scale.prefix_cache(group.servers[0], group.servers[-1], scale.long_system_prompt(args.system_words))
+            stamp("prefix cache done")
         forms = structured.summary(structured.trials(group.proxy(), n=args.forms))
         stamp(f"structured: {forms}")
-        kill = scale.kill_test(group, strategy="random", at=args.kill_at, concurrency=args.concurrency,
-                               requests=args.kill_requests, max_tokens=args.tokens)
-        stamp("kill test done")
+        kill = None
+        if args.servers > 1:  # with one server, a kill leaves nothing to route to
+            kill = scale.kill_test(group, strategy="random", at=args.kill_at, concurrency=args.concurrency,
+                                   requests=args.kill_requests, max_tokens=args.tokens)
+            stamp("kill test done")
         backend = group.servers[0].backend
     stamp("group stopped")
     import pandas as pd
 
     cols = ["setup", "ok", "failed", "requests/s", "output tokens/s", "TTFT p50 ms", "TTFT p90 ms", "latency p50 ms",
             "latency p90 ms", "share per server"]
-    kill_row = {k: kill["summary"][k] for k in ("requests", "ok", "failed", "retries", "killed at s",
-                                                "proxy dropped it after s", "heartbeat s")}
+    kill_lines = ["(one server: no prefix-cache comparison and no kill test; run with --servers 2)", ""]
+    if kill is not None:
+        kill_row = {k: kill["summary"][k] for k in ("requests", "ok", "failed", "retries", "killed at s",
+                                                    "proxy dropped it after s", "heartbeat s")}
+        kill_lines = [f"One server SIGKILLed {args.kill_at} s into a load test through the `random` proxy (clients "
+                      "retry twice what got no text):", "", bench.markdown(pd.DataFrame([kill_row])), "",
+                      bench.markdown(kill["by phase"]), ""]
+    prefix_lines = [] if prefix is None else [
+        f"Prefix caching: a {args.system_words}-word system prompt shared by every request, one request at a "
+        f"time, server 0 without and server {args.servers - 1} with `--enable-prefix-caching`; hit rate from "
+        "/metrics (`lmdeploy:cached_tokens_total` over prompt tokens):", "", bench.markdown(prefix), ""]
     header, command = bench.report_header(
         "scripts/bench_scale.py", argv, gpu.name, args.model, model_dir,
         f"{args.servers} api_server(s), tp {args.tp}, backend {backend}, cache_max_entry_count {args.cache_ratio} each, "
@@ -91,16 +104,12 @@ def main(argv: list[str] | None = None) -> int:
              bench.markdown(procs), "",
              "One server (direct) against all servers behind `lmdeploy serve proxy`, per routing strategy; "
              "`share per server` from the proxy's log:", "", bench.markdown(results[cols].round(1)), "",
-             f"Prefix caching: a {args.system_words}-word system prompt shared by every request, one request at a "
-             f"time, server 0 without and server {args.servers - 1} with `--enable-prefix-caching`; hit rate from "
-             "/metrics (`lmdeploy:cached_tokens_total` over prompt tokens):", "", bench.markdown(prefix), "",
+             *prefix_lines,
              f"The planner, fitted to server 0 alone at concurrency 1 and {args.concurrency} "
              f"(step = {1000 * cal.c0:.2f} ms + {1000 * cal.c1:.3f} ms x batch, host part {1000 * cal.host_s:.2f} ms), "
              "against the load test:", "", bench.markdown(planned), "",
              f"Structured output ({args.forms} requests with the lab's JSON schema, {args.forms} without): {forms}.", "",
-             f"One server SIGKILLed {args.kill_at} s into a load test through the `random` proxy (clients retry "
-             "twice what got no text):", "", bench.markdown(pd.DataFrame([kill_row])), "",
-             bench.markdown(kill["by phase"]), "", "Command:", "", "```bash", command, "```", END, ""]
+             *kill_lines, "Command:", "", "```bash", command, "```", END, ""]
     text = bench.report("\n".join(lines), args.out)
     if args.append:
         write_section(args.append, text)
