@@ -130,6 +130,36 @@ def test_group_routes_through_the_real_proxy_and_around_a_killed_server(group):
     assert not [e for e in serve.servers() if e["name"].startswith(group.name)]
 
 
+def test_a_killed_kernel_takes_the_whole_group_with_it(tiny_dir, tmp_path):
+    """A notebook kernel SIGKILLed while its group runs: the watchdogs take the proxies and servers down."""
+    import json
+    import subprocess
+
+    script = tmp_path / "kernel.py"
+    script.write_text(
+        "import json, sys, time\n"
+        "from labkit import proxy\n"
+        f"g = proxy.Group({TINY!r}, servers=2, command={STANDIN!r}, name='kk', show=False)\n"
+        "print(json.dumps({'pids': sorted(g.pids()), 'ports': [s.port for s in g.servers]}), flush=True)\n"
+        "time.sleep(600)\n")
+    kernel = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(kernel.stdout.readline())
+        assert len(info["pids"]) >= 4 and all(psutil.pid_exists(p) for p in info["pids"])
+    finally:
+        kernel.kill()
+        kernel.wait()
+    deadline = time.monotonic() + 20
+    alive = info["pids"]
+    while time.monotonic() < deadline:
+        alive = [p for p in info["pids"] if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            break
+        time.sleep(0.2)
+    assert not alive, f"left running after the kernel was killed: {alive}"
+    assert not [p for p in info["ports"] if _listening(p)]
+
+
 def test_compare_gives_every_strategy_a_row_and_samples_metrics(group):
     table, samples = scale.compare(group, concurrency=4, requests=12, max_tokens=4, interval=0.1)
     assert list(table["setup"]) == ["1 server, direct", "2 servers, proxy min_expected_latency", "2 servers, proxy random"]
