@@ -6,6 +6,8 @@ Like lmdeploy's api_server it registers itself with the proxy at start (POST URL
 url and models) and answers /v1/models, /health, /metrics (Prometheus text: running requests, a
 request counter, generation tokens) and /v1/chat/completions (streamed or not, with finish_reason and
 usage). Every reply says which stand-in wrote it ("from PORT"), so a test sees where the proxy routed.
+With --enable-prefix-caching it reports a system prompt it has seen before as cached (usage and /metrics);
+a request with a response_format gets '{"name": "Stand In", "age": 7}' (what constrained decoding yields).
 """
 import json
 import sys
@@ -22,7 +24,8 @@ def opt(flag, default=None):
 
 
 proxy_url, delay = opt("--proxy-url"), float(opt("--token-delay", "0.01"))
-state = {"running": 0, "done": 0, "tokens": 0}
+state = {"running": 0, "done": 0, "tokens": 0, "prompt": 0, "cached": 0}
+prefix_caching, seen = "--enable-prefix-caching" in sys.argv, set()
 lock = threading.Lock()
 
 
@@ -52,7 +55,12 @@ class Handler(BaseHTTPRequestHandler):
                         f'lmdeploy:gpu_cache_usage_perc{{engine="0",model_name="{name}"}} '
                         f'{min(1.0, state["running"] / 10):.2f}\n'
                         "# TYPE lmdeploy:generation_tokens counter\n"
-                        f'lmdeploy:generation_tokens_total{{engine="0",model_name="{name}"}} {state["tokens"]}.0\n')
+                        f'lmdeploy:generation_tokens_total{{engine="0",model_name="{name}"}} {state["tokens"]}.0\n'
+                        "# TYPE lmdeploy:cached_tokens counter\n"
+                        f'lmdeploy:cached_tokens_total{{engine="0",model_name="{name}"}} {state["cached"]}.0\n'
+                        "# TYPE lmdeploy:request_prompt_tokens histogram\n"
+                        f'lmdeploy:request_prompt_tokens_count{{engine="0",model_name="{name}"}} {state["done"]}.0\n'
+                        f'lmdeploy:request_prompt_tokens_sum{{engine="0",model_name="{name}"}} {state["prompt"]}.0\n')
             return self.send(200, text, "text/plain; version=0.0.4")
         self.send(404, {"detail": "Not Found"})
 
@@ -62,8 +70,21 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(404, {"detail": "Not Found"})
         n = int(req.get("max_tokens") or 8)
         words = [f"from {port} "] + ["word "] * (n - 1)
+        finish = "length"
+        if req.get("response_format"):
+            words, finish, n = ['{"name": "Stand In", "age": 7}'], "stop", 1
         head = {"id": f"standin-{port}", "created": 0, "model": req.get("model") or name}
-        usage = {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": n + 5}
+        text = " ".join(str(m.get("content")) for m in req.get("messages") or [])
+        prompt = 5 + len(text) // 4
+        system = next((m.get("content") for m in req.get("messages") or [] if m.get("role") == "system"), None)
+        cached = len(system) // 4 if prefix_caching and system in seen else 0
+        if system is not None:
+            seen.add(system)
+        usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": n + prompt,
+                 "prompt_tokens_details": {"cached_tokens": cached}}
+        with lock:
+            state["prompt"] += prompt
+            state["cached"] += cached
         with lock:
             state["running"] += 1
         try:
@@ -71,7 +92,7 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(delay * n)
                 msg = {"role": "assistant", "content": "".join(words)}
                 return self.send(200, {**head, "object": "chat.completion", "usage": usage,
-                                       "choices": [{"index": 0, "finish_reason": "length", "message": msg}]})
+                                       "choices": [{"index": 0, "finish_reason": finish, "message": msg}]})
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Connection", "close")
@@ -81,7 +102,7 @@ class Handler(BaseHTTPRequestHandler):
                 last = i == len(words) - 1
                 chunk = {**head, "object": "chat.completion.chunk",
                          "choices": [{"index": 0, "delta": {"content": word},
-                                      "finish_reason": "length" if last else None}]}
+                                      "finish_reason": finish if last else None}]}
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
                 with lock:
