@@ -202,17 +202,26 @@ class Group:
         if len(server_args) != servers or any("--proxy-url" in a for a in server_args):
             raise ProxyError(f"server_args needs one list of options per server ({servers}), without --proxy-url")
         self.server_args = server_args
+        if not isinstance(heartbeat, int) or heartbeat < 1:
+            raise ProxyError(f"heartbeat must be a whole number of seconds >= 1, not {heartbeat!r}")
+        from labkit.engine import check_backend, check_options
         from labkit.gpu import gpus
         from labkit.live import replace_earlier
         from labkit.models import resolve
 
+        check_backend(backend)
+        check_options(cache_ratio, server_kwargs.get("quant_policy", 0), server_kwargs.get("session_len"), tp)
+        count = len(gpus()) if n_gpus is None else n_gpus
+        if tp > 1 and 0 < count < tp:
+            raise ProxyError(f"tp={tp} needs {tp} GPUs per server and this machine has {count}: use tp=1 (servers "
+                             f"then share the GPU) or a machine with {tp} GPUs")
         self.model, self.model_dir = str(model), resolve(str(model))  # resolved (generated) once, before any thread
-        replace_earlier(_groups, name, "group")  # re-running the cell replaces the group
+        # everything checked: now re-running the cell replaces the earlier group
+        replace_earlier(_groups, name, "group")
         self.name, self.show, self.started = name, show, time.time()
         self.proxies: dict[str, Proxy] = {}
         self.servers: list[Server] = []
         self.killed: list[dict] = []
-        count = len(gpus()) if n_gpus is None else n_gpus
         self.devices = gpu_assignment(servers, count, tp)
         serve._install_handlers()  # SIGTERM / atexit handlers from the main thread, before any thread starts one
         self._names = [f"{name}-proxy-{s}" for s in strategies] + [f"{name}-{i}" for i in range(servers)]

@@ -194,12 +194,28 @@ def test_a_server_that_fails_to_start_takes_the_group_down(tiny_dir):
     (dict(servers=0), "servers must be"), (dict(strategies=["fastest"]), "routing strategy"),
     (dict(strategies=[]), "each routing strategy once"), (dict(extra_args=["--proxy-url", "x"]), "without --proxy-url"),
     (dict(server_args=[[]]), "one list of options per server"),
+    (dict(tp=2, n_gpus=1), "tp=2 needs 2 GPUs per server"),
+    (dict(cache_ratio=1.5), r"\(0, 1\]"), (dict(backend="tensorrt"), "unknown backend"), (dict(heartbeat=0), "heartbeat"),
 ])
 def test_bad_group_options_fail_before_any_process(tiny_dir, kwargs, match):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    with pytest.raises(proxy.ProxyError, match=match):
+    with pytest.raises((proxy.ProxyError, ValueError, RuntimeError), match=match):
         proxy.Group(TINY, command=STANDIN, show=False, **{"servers": 2, **kwargs})
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+
+
+def test_a_bad_rerun_keeps_the_running_group(tiny_dir):
+    """Re-running the cell with a bad option fails at once and leaves the group that runs alone."""
+    name = f"b{int(time.time() * 1000) % 100000}"
+    good = proxy.Group(TINY, servers=1, command=STANDIN, name=name, show=False)
+    try:
+        with pytest.raises(proxy.ProxyError):
+            proxy.Group(TINY, servers=0, command=STANDIN, name=name, show=False)
+        with pytest.raises(ValueError):
+            proxy.Group(TINY, servers=1, cache_ratio=2.0, command=STANDIN, name=name, show=False)
+        assert good.servers[0].alive and good.proxy().alive
+    finally:
+        good.stop(quiet=True)
 
 
 # ----------------------------------------------------------------------------- metrics and structured output
