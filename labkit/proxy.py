@@ -225,35 +225,47 @@ class Group:
         self.devices = gpu_assignment(servers, count, tp)
         serve._install_handlers()  # SIGTERM / atexit handlers from the main thread, before any thread starts one
         self._names = [f"{name}-proxy-{s}" for s in strategies] + [f"{name}-{i}" for i in range(servers)]
+        pool = ThreadPoolExecutor(max_workers=servers + len(strategies))
+        ok = False
         try:
-            for s in strategies:
-                self.proxies[s] = Proxy(self.model, s, name=f"{name}-proxy-{s}", heartbeat=heartbeat, show=False)
-            first = self.proxies[strategies[0]]
+            # the first proxy before the servers (they register with it as they come up), the others alongside them
+            first = self.proxies[strategies[0]] = Proxy(self.model, strategies[0], name=self._names[0],
+                                                        heartbeat=heartbeat, show=False)
             args = list(extra_args) + ["--proxy-url", first.url]
             kwargs = dict(cache_ratio=cache_ratio, tp=tp, backend=backend, startup_timeout=startup_timeout,
                           show=False, **server_kwargs)
             if command is not None:
                 kwargs["command"] = command
             start = time.monotonic()
-            with ThreadPoolExecutor(max_workers=servers) as pool:  # engine starts overlap
-                futures = [pool.submit(self._start_one, i, args, kwargs) for i in range(servers)]
-                errors = []
-                for f in futures:
-                    try:
-                        self.servers.append(f.result())
-                    except BaseException as err:
-                        errors.append(err)
-                if errors:
-                    raise errors[0]
+            later = {s: pool.submit(Proxy, self.model, s, name=f"{name}-proxy-{s}", heartbeat=heartbeat, show=False)
+                     for s in strategies[1:]}
+            futures = [pool.submit(self._start_one, i, args, kwargs) for i in range(servers)]  # engine starts overlap
+            errors: list[Exception] = []
+            for f in futures:
+                try:
+                    self.servers.append(f.result())
+                except Exception as err:  # KeyboardInterrupt goes straight to the clean-up below
+                    errors.append(err)
+            for s, f in later.items():
+                try:
+                    self.proxies[s] = f.result()
+                except Exception as err:
+                    errors.append(err)
+            if errors:
+                raise errors[0]
             self.start_seconds = time.monotonic() - start
-            urls = [s.base_url for s in self.servers]
+            urls = [srv.base_url for srv in self.servers]
             first.wait_nodes(urls, timeout=30)
             for p in list(self.proxies.values())[1:]:
                 for srv in self.servers:
                     p.add(srv.base_url)
-        except BaseException:
-            self.stop(quiet=True)
-            raise
+            ok = True
+        finally:
+            if not ok:  # an error or Ctrl-C: stop what runs (threads still starting one then fail fast) ...
+                self.stop(quiet=True)
+            pool.shutdown(wait=True, cancel_futures=True)
+            if not ok:  # ... and whatever a thread started meanwhile
+                self.stop(quiet=True)
         _groups[name] = self
         if show:
             print(f"group {name!r}: {servers} api_server(s) ready in {self.start_seconds:.1f} s (started together), "
@@ -343,12 +355,13 @@ class Group:
     def stop(self, quiet: bool = False) -> None:
         """Stop every api_server and proxy of the group (also those still starting); wait for GPU memory."""
         before = [s.memory_before for s in self.servers if getattr(s, "memory_before", None) is not None]
+        newer = _groups.get(self.name) not in (None, self)  # a later group took the name: its servers are not ours
         if _groups.get(self.name) is self:
             _groups.pop(self.name)
         for s in self.servers:
             s.stop(quiet=True, wait_memory=False)
-        # servers a thread is still starting (an error or Ctrl-C during the start), then the proxies
-        for name in self._names[len(self.proxies):] + self._names[:len(self.proxies)]:
+        # servers a thread is still starting (an error or Ctrl-C during the start)
+        for name in [] if newer else self._names:
             live = serve._live.get(name)
             if live is not None:
                 live.stop(quiet=True, wait_memory=False)

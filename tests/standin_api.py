@@ -1,6 +1,6 @@
 """Stand-in for `lmdeploy serve api_server` on a CPU machine (lab 07's proxy tests): a small real HTTP server.
 
-    python standin_api.py PORT MODEL_NAME HOST [--proxy-url URL] [--token-delay S] [--tokens N]
+    python standin_api.py PORT MODEL_NAME HOST [--proxy-url URL] [--token-delay S] [--start-delay S]
 
 Like lmdeploy's api_server it registers itself with the proxy at start (POST URL/nodes/add with its
 url and models) and answers /v1/models, /health, /metrics (Prometheus text: running requests, a
@@ -121,6 +121,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+time.sleep(float(opt("--start-delay", "0")))  # an engine that takes a while to load
 server = ThreadingHTTPServer((host, port), Handler)
 server.daemon_threads = True
 if proxy_url:  # as lmdeploy's api_server does once its engine is up (register_to_proxy)

@@ -160,6 +160,41 @@ def test_a_killed_kernel_takes_the_whole_group_with_it(tiny_dir, tmp_path):
     assert not [p for p in info["ports"] if _listening(p)]
 
 
+def test_ctrl_c_while_the_servers_load_stops_everything(tiny_dir, tmp_path):
+    """SIGINT (Ctrl-C in a notebook) while the group's servers are still loading: the start ends within seconds
+    and nothing of the group is left, neither the proxies nor the servers."""
+    import signal
+    import subprocess
+
+    script = tmp_path / "kernel.py"
+    slow = STANDIN + ["--start-delay", "60"]
+    script.write_text(
+        "from labkit import proxy\n"
+        f"proxy.Group({TINY!r}, servers=2, strategies=['random', 'min_expected_latency'], command={slow!r}, "
+        "name='cc', show=False)\n")
+    kernel = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    me = psutil.Process(kernel.pid)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and sum("standin_api" in " ".join(c.cmdline()) for c in
+                                              me.children(recursive=True)) < 2:
+        time.sleep(0.2)
+    family = me.children(recursive=True)
+    assert sum("standin_api" in " ".join(c.cmdline()) for c in family) >= 2, "the servers never started"
+    start = time.monotonic()
+    kernel.send_signal(signal.SIGINT)
+    try:
+        kernel.wait(timeout=30)
+    finally:
+        kernel.kill()
+    took = time.monotonic() - start
+    err = kernel.stderr.read()
+    assert "KeyboardInterrupt" in err, err[-500:]
+    assert took < 20, f"Ctrl-C took {took:.1f} s to stop the start"
+    time.sleep(1.0)
+    left = [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"left running after Ctrl-C: {left}"
+
+
 def test_compare_gives_every_strategy_a_row_and_samples_metrics(group):
     table, samples = scale.compare(group, concurrency=4, requests=12, max_tokens=4, interval=0.1)
     assert list(table["setup"]) == ["1 server, direct", "2 servers, proxy min_expected_latency", "2 servers, proxy random"]
