@@ -191,7 +191,7 @@ def kv_per_replica(model: Model, gpu: GPU, tp: int = 1, cache_ratio: float = 0.8
         raise PlanError(f"{model.name} does not fit on {tp} x {gpu.name}: {per_gpu_weights / GiB:.1f} GiB of weights "
                         f"per GPU of {gpu.memory_gib:.0f} GiB; use a larger tp, a quantized model (lab 03) or a bigger GPU")
     kv_gpu = free * cache_ratio
-    per_token = kvcache.bytes_per_token(model.shape, quant_policy) / tp
+    per_token = kvcache.bytes_per_token(model.shape, quant_policy) / min(tp, model.shape.kv_heads)  # KV heads split
     return {"weights GiB per GPU": per_gpu_weights / GiB, "KV GiB per GPU": kv_gpu / GiB,
             "KV GiB per replica": tp * kv_gpu / GiB, "tokens per replica": int(kv_gpu // per_token)}
 
