@@ -2,6 +2,10 @@
 (asyncio + openai.AsyncOpenAI), bounded in count and in time, against 127.0.0.1 / localhost only.
 Reports requests/s, output tokens/s, time to first token (TTFT) and inter-token latency (ITL)
 percentiles as a pandas table; `sweep` compares concurrency levels and `plot` draws them.
+Lab 07 points it at `lmdeploy serve proxy` (a labkit.proxy.Proxy works like a Server here) and reads
+`run(..., detail=True)`: one row per request (when it started, TTFT, latency, retries, error), with a
+shared `system` prompt (prefix caching), client-side `retries`, and `require_finish` (a stream that
+ends without finish_reason was cut off: its server died mid-reply).
 
 The asyncio work runs in its own thread, so it works inside Jupyter (whose event loop is running).
 """
@@ -49,43 +53,80 @@ class _Req:
     first: float | None = None
     end: float = 0.0
     tokens: int = 0
+    cached: int = 0
+    finish: str | None = None
+    retries: int = 0
+    errors: list[str] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
 
 
-async def _one(client, model: str, prompt: str, max_tokens: int, req: _Req) -> None:
-    req.start = time.perf_counter()
+@dataclass
+class _Opts:
+    model: str
+    prompt: str
+    max_tokens: int
+    system: str | None = None
+    retries: int = 0
+    require_finish: bool = False
+
+
+async def _attempt(client, o: _Opts, req: _Req) -> None:
+    """One try of one request; raises on transport errors, sets req.error on an empty or cut-off reply."""
     last = None
     chunks = 0
+    messages = ([{"role": "system", "content": o.system}] if o.system else []) + [{"role": "user", "content": o.prompt}]
+    stream = await client.chat.completions.create(
+        model=o.model, messages=messages, max_tokens=o.max_tokens, stream=True,
+        temperature=0.7, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        now = time.perf_counter()
+        if chunk.choices and chunk.choices[0].delta.content:
+            chunks += 1
+            if req.first is None:
+                req.first = now
+            else:
+                req.gaps.append(now - last)
+            last = now
+        if chunk.choices and chunk.choices[0].finish_reason:
+            req.finish = chunk.choices[0].finish_reason
+        usage = getattr(chunk, "usage", None)
+        if usage is not None and usage.completion_tokens:
+            req.tokens = usage.completion_tokens
+            details = getattr(usage, "prompt_tokens_details", None)
+            req.cached = int(getattr(details, "cached_tokens", 0) or 0)
+    req.tokens = req.tokens or chunks
+    req.ok = req.first is not None and (req.finish is not None or not o.require_finish)
+    if req.first is None:
+        req.error = "the stream ended without any text (through a proxy: the node it chose did not answer)"
+    elif not req.ok:
+        req.error = f"cut off after {chunks} pieces: the stream ended without a finish_reason"
+
+
+async def _one(client, o: _Opts, req: _Req) -> None:
+    req.start = time.perf_counter()
     try:
-        stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True,
-            temperature=0.7, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-        async for chunk in stream:
-            now = time.perf_counter()
-            if chunk.choices and chunk.choices[0].delta.content:
-                chunks += 1
-                if req.first is None:
-                    req.first = now
-                else:
-                    req.gaps.append(now - last)
-                last = now
-            if getattr(chunk, "usage", None) is not None and chunk.usage.completion_tokens:
-                req.tokens = chunk.usage.completion_tokens
-        req.tokens = req.tokens or chunks
-        req.ok = req.first is not None
-        if not req.ok:
-            req.error = "the stream ended without any text"
+        while True:
+            req.error = None
+            try:
+                await _attempt(client, o, req)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                req.error = f"{type(err).__name__}: {str(err)[:200]}"
+            # retry only what produced no text at all (a half-streamed reply cannot be taken back)
+            if req.ok or req.first is not None or req.retries >= o.retries:
+                break
+            req.errors.append(req.error or "?")
+            req.retries += 1
+            await asyncio.sleep(0.05 * req.retries)
     except asyncio.CancelledError:
         req.error = "cancelled: the time limit was reached"
         raise
-    except Exception as err:
-        req.error = f"{type(err).__name__}: {str(err)[:200]}"
     finally:
         req.end = time.perf_counter()
 
 
-async def _run(url: str, key: str, model: str, concurrency: int, n: int, prompt: str, max_tokens: int,
-               time_limit: float) -> tuple[list[_Req], float]:
+async def _run(url: str, key: str, o: _Opts, concurrency: int, n: int, time_limit: float) -> tuple[list[_Req], float]:
     import httpx
     import openai
 
@@ -97,7 +138,7 @@ async def _run(url: str, key: str, model: str, concurrency: int, n: int, prompt:
 
         async def bounded(r: _Req) -> None:
             async with sem:
-                await _one(client, model, prompt, max_tokens, r)
+                await _one(client, o, r)
 
         start = time.perf_counter()
         tasks = [asyncio.create_task(bounded(r)) for r in reqs]
@@ -109,6 +150,7 @@ async def _run(url: str, key: str, model: str, concurrency: int, n: int, prompt:
     for r in reqs:
         if not r.ok and r.error is None:
             r.error = "not started: the time limit was reached"
+        r.t0 = start  # type: ignore[attr-defined]
     return reqs, wall
 
 
@@ -138,9 +180,24 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) * 1000.0
 
 
+def records(reqs: list[_Req]):
+    """One row per request: start s (from the test's start), TTFT ms, latency ms, tokens, cached prompt tokens,
+    finish reason, retries, ok, error."""
+    import pandas as pd
+
+    rows = [{"start s": round(r.start - r.t0, 3) if r.start else None,  # type: ignore[attr-defined]
+             "TTFT ms": (r.first - r.start) * 1000 if r.first else None,
+             "latency ms": (r.end - r.start) * 1000 if r.start else None, "tokens": r.tokens,
+             "cached tokens": r.cached, "finish": r.finish, "retries": r.retries, "ok": r.ok,
+             "error": r.error or ("; ".join(r.errors) if r.errors else None)} for r in reqs]
+    return pd.DataFrame(rows)
+
+
 def run(server: Any, concurrency: int = 8, requests: int | None = None, max_tokens: int = 128,
-        prompt: str = DEFAULT_PROMPT, model: str | None = None, time_limit: float = 120.0) -> dict:
-    """`requests` streaming chat requests, `concurrency` at a time, stopped after `time_limit` s; one row."""
+        prompt: str = DEFAULT_PROMPT, model: str | None = None, time_limit: float = 120.0,
+        system: str | None = None, retries: int = 0, require_finish: bool = False, detail: bool = False):
+    """`requests` streaming chat requests, `concurrency` at a time, stopped after `time_limit` s; one row
+    (with detail=True: (row, one row per request)). `retries`: tries again what got no text at all."""
     url, key, default_model = _target(server)
     model = model or default_model
     if not isinstance(concurrency, int) or not 1 <= concurrency <= MAX_CONCURRENCY:
@@ -152,20 +209,29 @@ def run(server: Any, concurrency: int = 8, requests: int | None = None, max_toke
         raise LoadTestError(f"time_limit must be in (0, {MAX_SECONDS:.0f}] seconds, not {time_limit!r}")
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise LoadTestError(f"max_tokens must be a whole number >= 1, not {max_tokens!r}")
+    if not isinstance(retries, int) or not 0 <= retries <= 10:
+        raise LoadTestError(f"retries must be a whole number in 0..10, not {retries!r}")
     if model is None:
         model = list_models(server)[0]
-    reqs, wall = _in_thread(_run, url, key, model, concurrency, requests, prompt, max_tokens, time_limit)
+    opts = _Opts(model, prompt, max_tokens, system, retries, require_finish)
+    reqs, wall = _in_thread(_run, url, key, opts, concurrency, requests, time_limit)
     ok = [r for r in reqs if r.ok]
     ttft = [r.first - r.start for r in ok]
     gaps = [g for r in ok for g in r.gaps]
     tokens = sum(r.tokens for r in ok)
     errors = [r.error for r in reqs if not r.ok]
-    return {"concurrency": concurrency, "requests": requests, "ok": len(ok), "failed": len(errors),
-            "seconds": round(wall, 2), "requests/s": round(len(ok) / wall, 2) if wall else 0.0,
-            "output tokens/s": round(tokens / wall, 1) if wall else 0.0,
-            "TTFT p50 ms": _pct(ttft, 50), "TTFT p90 ms": _pct(ttft, 90), "TTFT p99 ms": _pct(ttft, 99),
-            "ITL p50 ms": _pct(gaps, 50), "ITL p90 ms": _pct(gaps, 90), "ITL p99 ms": _pct(gaps, 99),
-            "first error": errors[0] if errors else None}
+    latency = [r.end - r.start for r in ok]
+    row = {"concurrency": concurrency, "requests": requests, "ok": len(ok), "failed": len(errors),
+           "seconds": round(wall, 2), "requests/s": round(len(ok) / wall, 2) if wall else 0.0,
+           "output tokens/s": round(tokens / wall, 1) if wall else 0.0,
+           "TTFT p50 ms": _pct(ttft, 50), "TTFT p90 ms": _pct(ttft, 90), "TTFT p99 ms": _pct(ttft, 99),
+           "ITL p50 ms": _pct(gaps, 50), "ITL p90 ms": _pct(gaps, 90), "ITL p99 ms": _pct(gaps, 99),
+           "first error": errors[0] if errors else None}
+    if detail or retries or system or require_finish:  # lab 07's columns; lab 02's table stays as it was
+        row.update({"latency p50 ms": _pct(latency, 50), "latency p90 ms": _pct(latency, 90),
+                    "latency p99 ms": _pct(latency, 99), "retries": sum(r.retries for r in reqs),
+                    "cached prompt tokens": sum(r.cached for r in ok)})
+    return (row, records(reqs)) if detail else row
 
 
 def sweep(server: Any, concurrency: tuple[int, ...] | list[int] = (1, 8, 32), requests: int | None = None,

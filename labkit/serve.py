@@ -318,11 +318,14 @@ class Server:
                  tool_call_parser: str | None = None, extra_args: tuple[str, ...] | list[str] = (),
                  startup_timeout: float = 300.0, model_name: str | None = None, tp: int = 1,
                  eager: bool | None = None, log_level: str = "INFO", show: bool = True,
-                 command: list[str] | None = None, stop_grace: float = STOP_GRACE_S):
+                 command: list[str] | None = None, stop_grace: float = STOP_GRACE_S,
+                 env: dict[str, str] | None = None):
         from labkit.engine import check_backend, check_options, choose_backend, default_eager
         from labkit.models import resolve
 
         self.name, self.host, self.show, self.stop_grace = name, host, show, stop_grace
+        env_extra = {str(k): str(v) for k, v in (env or {}).items()}  # e.g. CUDA_VISIBLE_DEVICES for one GPU
+        self.env = env_extra
         self.stopped = True  # until the process runs
         self._proc: subprocess.Popen | None = None
         if isinstance(api_keys, str):
@@ -387,6 +390,7 @@ class Server:
         root = str(Path(__file__).resolve().parent.parent)  # so the watchdog finds labkit wherever it runs
         env = dict(os.environ, PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        env.update(env_extra)
         with open(self.log_path, "wb") as log:
             log.write(f"[labkit] {self.command}\n".encode())
             log.flush()

@@ -1,0 +1,177 @@
+"""Lab 07's experiments on a labkit.proxy.Group: one server vs two behind each routing strategy, one server
+killed in the middle of a load test, prefix caching on and off. Each returns tables the notebook shows.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from labkit import loadtest, metrics
+
+PHASES = ("before the kill", "until the proxy dropped it", "after the proxy dropped it")
+WORDS = ("lighthouse keeper harbour ledger storm signal lantern rope tide compass island ferry gull beacon "
+         "fog bell chart anchor pier current dune reef mast sail cargo").split()
+
+
+def long_system_prompt(words: int = 800) -> str:
+    """A long system prompt, the same every time (what many requests of one application share)."""
+    if not isinstance(words, int) or not 10 <= words <= 20000:
+        raise ValueError(f"words must be a whole number in 10..20000, not {words!r}")
+    body = " ".join(WORDS[(i * 7 + i // len(WORDS)) % len(WORDS)] for i in range(words))
+    return "You are the harbour assistant. House rules and the harbour log follow. " + body
+
+
+def _share(before: dict[str, int], after: dict[str, int], urls: list[str]) -> str:
+    got = [after.get(u, 0) - before.get(u, 0) for u in urls]
+    total = sum(got) or 1
+    return " / ".join(f"{100 * g / total:.0f}%" for g in got)
+
+
+def compare(group, concurrency: int = 16, requests: int = 64, max_tokens: int = 64, single: bool = True,
+            interval: float = 0.5, time_limit: float = 120.0, **kw: Any):
+    """Load-test server 0 alone (direct), then every proxy of the group (all servers behind it), with /metrics
+    scraped throughout; (results table, metrics samples table)."""
+    urls = [s.base_url for s in group.servers]
+    rows = []
+    warm = dict(concurrency=min(4, concurrency), requests=min(4, requests), max_tokens=8, time_limit=time_limit)
+    for srv in group.servers:  # first requests compile kernels: not measured
+        loadtest.run(srv, **warm)
+    with metrics.Sampler(group.servers, interval=interval) as sampler:
+        if single:
+            t = time.time() - sampler.t0
+            row = loadtest.run(group.servers[0], concurrency, requests, max_tokens, time_limit=time_limit,
+                               require_finish=True, **kw)
+            rows.append({"setup": "1 server, direct", "servers": 1, "strategy": "-", "from s": round(t, 1),
+                         **row, "share per server": "100%"})
+        for strategy, proxy in group.proxies.items():
+            before = proxy.dispatched()
+            t = time.time() - sampler.t0
+            row = loadtest.run(proxy, concurrency, requests, max_tokens, time_limit=time_limit,
+                               require_finish=True, **kw)
+            rows.append({"setup": f"{len(urls)} servers, proxy {strategy}", "servers": len(urls),
+                         "strategy": strategy, "from s": round(t, 1), **row,
+                         "share per server": _share(before, proxy.dispatched(), urls)})
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    num = [c for c in table.columns if c.endswith(" ms")]
+    table[num] = table[num].astype(float).round(1)
+    return table, sampler.table()
+
+
+def kill_test(group, strategy: str | None = None, at: float = 2.0, concurrency: int = 8, requests: int = 48,
+              max_tokens: int = 64, retries: int = 2, index: int = -1, time_limit: float = 120.0) -> dict:
+    """Load through one proxy; kill server `index` `at` s in; what the clients saw, and when the proxy noticed.
+
+    Returns {summary (one row), records (one row per request, with the phase it started in), event (the kill),
+    dropped after s (kill -> the proxy's node list lost it), samples (metrics of the servers)}."""
+    proxy = group.proxy(strategy)
+    victim = group.servers[index]
+    loadtest.run(proxy, concurrency=2, requests=2, max_tokens=4, time_limit=time_limit)  # warm
+    gone: dict[str, float] = {}
+
+    def watch() -> None:  # when did the proxy drop the node? (polls its node list)
+        while "t" not in gone and not stop.is_set():
+            try:
+                if victim.base_url not in proxy.node_urls():
+                    gone["t"] = time.time()
+            except OSError:
+                pass
+            stop.wait(0.1)
+
+    stop = threading.Event()
+    with metrics.Sampler(group.servers, interval=0.5) as sampler:
+        t0 = time.time()
+        timer = group.kill_later(at, index)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        row, recs = loadtest.run(proxy, concurrency, requests, max_tokens, time_limit=time_limit, retries=retries,
+                                 require_finish=True, detail=True)
+        timer.join()
+        event = group.killed[-1]
+        group.wait_dropped(victim.base_url)
+        watcher.join(timeout=2)
+        stop.set()
+    kill_s = event["time"] - t0
+    dropped_s = gone.get("t", time.time()) - event["time"]
+    drop_at = kill_s + dropped_s
+    recs["phase"] = [PHASES[0] if s < kill_s else (PHASES[1] if s < drop_at else PHASES[2])
+                     for s in recs["start s"].fillna(0)]
+    row.update({"strategy": proxy.strategy, "killed": victim.name, "killed at s": round(kill_s, 2),
+                "proxy dropped it after s": round(dropped_s, 1) if dropped_s is not None else 0.0,
+                "heartbeat s": proxy.heartbeat})
+    return {"summary": row, "records": recs, "event": event, "dropped after s": dropped_s, "kill s": kill_s,
+            "samples": sampler.table(), "by phase": by_phase(recs)}
+
+
+def by_phase(records):
+    """Requests per phase of a kill test: how many, failed, retried, latency p50 / max."""
+    g = records.groupby("phase", sort=False)
+    out = g.agg(requests=("ok", "size"), failed=("ok", lambda s: int((~s).sum())), retries=("retries", "sum"),
+                **{"latency p50 ms": ("latency ms", "median"), "latency max ms": ("latency ms", "max")})
+    return out.round(1).reset_index()
+
+
+def prefix_cache(off, on, system: str, requests: int = 8, max_tokens: int = 16, prompt: str = "Which bell rings first?",
+                 time_limit: float = 120.0):
+    """TTFT with the same long system prompt on a server without and one with --enable-prefix-caching (one
+    request at a time, after one warm-up each); cached tokens from the replies, hit rate from /metrics."""
+    import pandas as pd
+
+    rows = []
+    for label, srv in (("off", off), ("on", on)):
+        loadtest.run(srv, concurrency=1, requests=1, max_tokens=4, prompt=prompt, system=system, time_limit=time_limit)
+        before = metrics.scrape(srv)
+        row, recs = loadtest.run(srv, concurrency=1, requests=requests, max_tokens=max_tokens, prompt=prompt,
+                                 system=system, time_limit=time_limit, detail=True)
+        after = metrics.scrape(srv)
+        rate = metrics.prefix_hit_rate(before, after)
+        rows.append({"prefix caching": label, "server": srv.name, "requests": requests, "ok": row["ok"],
+                     "TTFT p50 ms": row["TTFT p50 ms"], "TTFT p90 ms": row["TTFT p90 ms"],
+                     "cached tokens per request": float(recs["cached tokens"].mean()),
+                     "hit rate (/metrics)": None if rate is None else round(rate, 3),
+                     "prompt tokens per request (/metrics)": _per_request(before, after)})
+    table = pd.DataFrame(rows)
+    table["TTFT p50 ms"] = table["TTFT p50 ms"].astype(float).round(2)
+    table["TTFT p90 ms"] = table["TTFT p90 ms"].astype(float).round(2)
+    return table
+
+
+def _per_request(before: dict, after: dict) -> float | None:
+    n = after.get(metrics.FINISHED, 0.0) - before.get(metrics.FINISHED, 0.0)
+    if n <= 0:
+        return None
+    return round((after.get(metrics.PROMPT_TOKENS_SUM, 0.0) - before.get(metrics.PROMPT_TOKENS_SUM, 0.0)) / n, 1)
+
+
+def planner_check(sweep_table, compare_table, model_dir, reply_tokens: int, prompt_tokens: int = 32,
+                  strategy: str = "min_expected_latency", share_gpu: bool = True, gpu=None):
+    """labkit.plan calibrated on the single-server sweep, then predicting the compare runs: 1 server (direct)
+    and all servers behind `strategy` at the same concurrency; (table predicted vs measured, calibration)."""
+    import pandas as pd
+
+    from labkit import plan
+
+    model = plan.Model.from_dir(model_dir)
+    gpu = gpu or plan.GPU.here()
+    cal = plan.Calibration.fit(sweep_table, model, gpu, prompt_tokens)
+    load = plan.Load(rps=1.0, prompt_tokens=prompt_tokens, reply_tokens=reply_tokens, latency_s=3600)
+    rows = []
+    for _, m in compare_table.iterrows():
+        if m["strategy"] not in ("-", strategy):
+            continue
+        pred = plan.closed_loop(cal, load, int(m["concurrency"]), int(m["servers"]), share_gpu=share_gpu)
+        rows.append({"setup": m["setup"], **plan.check(pred, m.to_dict()), "predicted ITL ms": pred["predicted ITL ms"],
+                     "measured ITL p50 ms": m["ITL p50 ms"]})
+    return pd.DataFrame(rows), cal
+
+
+def calibrate(server, concurrency: int = 16, requests: int = 64, max_tokens: int = 64, time_limit: float = 120.0):
+    """The single-server numbers the planner is fitted to: one load test at concurrency 1 (a few requests) and one
+    at `concurrency`, straight to `server` (a table like loadtest.sweep's)."""
+    import pandas as pd
+
+    rows = [loadtest.run(server, 1, min(8, requests), max_tokens, time_limit=time_limit),
+            loadtest.run(server, concurrency, requests, max_tokens, time_limit=time_limit)]
+    return pd.DataFrame(rows)
