@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,10 +214,23 @@ class Engine:
         self._check_open()
         return self.pipe(prompts, gen_config=gen_config(**gen))
 
-    def stream(self, prompt, **gen: Any) -> Iterator[Any]:
-        """Stream one prompt: yields lmdeploy Responses whose .text is the new piece."""
+    def stream(self, prompt, stop: threading.Event | None = None, **gen: Any) -> Iterator[Any]:
+        """Stream one prompt: yields lmdeploy Responses whose .text is the new piece; setting `stop` aborts
+        the request in the engine (not only the reading of it)."""
         self._check_open()
-        yield from self.pipe.stream_infer(prompt, gen_config=gen_config(**gen))
+        cfg = gen_config(**gen)
+        if stop is None:
+            yield from self.pipe.stream_infer(prompt, gen_config=cfg)
+            return
+        session = self.pipe.session()  # its own session, so that abort() cancels this request in the engine
+        try:
+            for piece in self.pipe.stream_infer(prompt, sessions=session, gen_config=cfg):
+                if stop.is_set():
+                    session.abort()
+                    break
+                yield piece
+        finally:
+            session.close()  # aborts a request still running (the reader stopped early), then frees the session
 
     def chat_turns(self, prompts: list, **gen: Any) -> "pandas.DataFrame":
         """A multi-turn chat in one `pipe.chat` session (prompts: text or (text, image)), one row per turn."""
