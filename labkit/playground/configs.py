@@ -107,7 +107,10 @@ def make_plan(cfg: LoadConfig, download: bool = False) -> Plan:
     if not cfg.model.strip():
         raise PlaygroundError("no model given: pick one from the list or type a folder path")
     if cfg.engine != "transformers":
-        check_backend(cfg.engine)
+        try:
+            check_backend(cfg.engine)
+        except EngineError as err:
+            raise PlaygroundError(f"{err}, or 'transformers'") from err
         if not has_cuda():
             raise PlaygroundError(f"engine {cfg.engine!r} needs a CUDA GPU and there is none here: "
                                   f"pick the transformers baseline")
@@ -133,7 +136,7 @@ def make_plan(cfg: LoadConfig, download: bool = False) -> Plan:
                                   f"pick the PyTorch engine")
     try:
         check_options(cfg.cache_ratio, cfg.quant_policy, cfg.session_len, 1, engine if engine != "transformers" else None)
-    except ValueError as err:
+    except (ValueError, EngineError) as err:
         raise PlaygroundError(one_line(err)) from err
     text = kvcache.text_config(model_dir)
     session_len = cfg.session_len or int(text.get("max_position_embeddings") or 4096)

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from labkit.playground.configs import (DEFAULT_SYSTEM, ENGINES, GEN_KEYS, PRESETS, LoadConfig, Plan, PlaygroundError,
@@ -228,14 +229,28 @@ class Controller:
         """Attach an image (path, bytes or PIL image) to the next message; returns its token cost line."""
         from labkit import vision
 
-        slot = self.slots["A"]
-        if slot.plan is None or not slot.plan.vision:
-            raise PlaygroundError("the loaded model reads text only: load a vision-language model to send images")
+        model_dir, session_len = self._vision_target()
+        if model_dir is None or not vision.is_vision_model(model_dir):
+            raise PlaygroundError("configuration A reads text only: pick a vision-language model "
+                                  "(e.g. generated:tiny-vl, InternVL3-1B-hf) to send images")
         img = vision.load(image)
-        cost = vision.token_cost(slot.plan.model_dir, img)
-        fit = vision.fits(slot.plan.model_dir, img, slot.plan.session_len)
+        cost = vision.token_cost(model_dir, img)
+        fit = vision.fits(model_dir, img, session_len)
         self.image = img
         return f"image {img.size[0]}x{img.size[1]}: {cost:,} image tokens; {fit.why}"
+
+    def _vision_target(self) -> tuple[Path | None, int]:
+        """(model folder, session_len) that an image is priced for: slot A's plan, else its configuration."""
+        from labkit.kvcache import text_config
+        from labkit.models import resolve
+
+        slot = self.slots["A"]
+        if slot.plan is not None:
+            return slot.plan.model_dir, slot.plan.session_len
+        if slot.config is None:
+            return None, 0
+        model_dir = resolve(slot.config.model, download=False)
+        return model_dir, slot.config.session_len or int(text_config(model_dir).get("max_position_embeddings") or 4096)
 
     def send(self, text: str, gen: dict, wait: bool = False) -> threading.Thread | None:
         """Send `text` (and the attached image) with generation options `gen`; the reply streams in the background."""

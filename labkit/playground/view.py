@@ -179,6 +179,7 @@ class PlaygroundView:
         self.image_cost.add_class("lk-image-cost")
         self.image_row = w.HBox([self.upload, self.image_cost], layout=w.Layout(display="none"))
         self.upload.observe(lambda c: self.attach(), names="value")
+        self.panel_a.model.observe(lambda c: self.show_image_row(), names="value")
         actions = {"Send": self.send, "Stop": ctl.stop, "Retry": self.retry, "Undo": ctl.undo, "Clear": ctl.clear,
                    "Copy": self.copy}
         self.buttons = {}
@@ -221,7 +222,7 @@ class PlaygroundView:
         self.widget.add_class("lk-playground")
         self._last_draw = 0.0
         ctl.listeners.append(self.on_event)
-        self.on_event("status"), self.on_event("gauge"), self.on_event("chat")
+        self.on_event("status"), self.on_event("gauge"), self.on_event("chat"), self.show_image_row()
 
     # --------------------------------------------------------------------------- buttons
     def _safely(self, fn) -> None:
@@ -272,6 +273,17 @@ class PlaygroundView:
         except Exception as err:
             self.image_cost.value = f"<span style='color:#b00'>{html.escape(one_line(err))}</span>"
 
+    def show_image_row(self) -> None:
+        """The image upload shows when configuration A's model is a vision-language model."""
+        from labkit.models import resolve
+        from labkit.vision import is_vision_model
+
+        try:
+            vl = is_vision_model(resolve(self.panel_a.model.value.strip(), download=False))
+        except Exception:
+            vl = False
+        self.image_row.layout.display = "" if vl else "none"
+
     # --------------------------------------------------------------------------- drawing
     def on_event(self, event: str) -> None:
         """Redraw what an event changed (called from the controller's threads too)."""
@@ -291,8 +303,7 @@ class PlaygroundView:
                 self.stats.value = html.escape(self.ctl.replies[-1].summary())
         elif event == "slot":
             self.panel_a.refresh(), self.panel_b.refresh()
-            plan = self.ctl.slots["A"].plan
-            self.image_row.layout.display = "" if plan is not None and plan.vision else "none"
+            self.show_image_row()
         elif event == "gauge":
             self.draw_gauge()
             self.panel_a.refresh(), self.panel_b.refresh()
