@@ -96,14 +96,15 @@ def test_stop_really_stops_the_engine(pg):
     view.buttons["Send"].click()
     while not seen and time.perf_counter() - start < 30:
         time.sleep(0.01)
+    stopped = time.perf_counter()
     view.buttons["Stop"].click()
     pg.wait(60)
-    took = time.perf_counter() - start
+    took = time.perf_counter() - stopped
     reply = ctl.replies[-1]
     assert reply.finish_reason == "stopped" and reply.reply_tokens < 2048, reply
     alive = [t.name for t in threading.enumerate() if t.name == "labkit-hf-generate"]
     assert not alive, "generate() still runs after Stop: only the reading was stopped"
-    assert took < 20, f"Stop took {took:.1f} s"
+    assert took < 3, f"Stop took {took:.1f} s: the engine went on generating"
     assert ctl.history[-1] == {"role": "assistant", "content": reply.text}, "the stopped reply is kept"
 
 
