@@ -165,6 +165,7 @@ class Controller:
                 start = time.perf_counter()
                 slot.engine = build_engine(slot.plan, f"{self.name}-{key}")
                 slot.load_seconds = time.perf_counter() - start
+                slot.engine.generate("hi", max_new_tokens=1, temperature=0)  # warm-up: first replies time fairly
             except BaseException as err:
                 slot.state, slot.engine = "failed", None
                 slot.message = f"load failed: {one_line(err)}"
