@@ -392,10 +392,14 @@ def test_run_all_leaves_a_working_playground():
 @pytest.mark.gpu
 def test_gpu_lmdeploy_reload_compare_stop_and_memory_back_after_unload(capsys):
     """LMDeploy's PyTorch engine: load, reload with another cache ratio, compare with int8 KV, Stop, image, unload."""
+    import torch
+
+    from labkit import vision
     from labkit.gpu import memory_used
     from labkit.kvcache import engine_capacity
 
-    p = build(TINY, "pytorch", name="gpu-playground")
+    torch.empty(1, device="cuda")  # this process's CUDA context never goes back: make it before the baseline
+    p = build(TINY, "pytorch", name="gpu-playground", load=False)
     figures = {}
     try:
         panel, view, ctl = p.view.panel_a, p.view, p.controller
@@ -419,10 +423,15 @@ def test_gpu_lmdeploy_reload_compare_stop_and_memory_back_after_unload(capsys):
         view.gen.max_new_tokens.value = 4000
         view.prompt.value = "long"
         view.buttons["Send"].click()
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while not ctl.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stopped = time.perf_counter()
         view.buttons["Stop"].click()
         p.wait(60)
-        assert ctl.replies[-1].finish_reason == "stopped" and ctl.replies[-1].reply_tokens < 4000
+        figures["stop s"] = round(time.perf_counter() - stopped, 2)
+        assert ctl.replies[-1].finish_reason == "stopped" and ctl.replies[-1].reply_tokens < 4000, ctl.replies[-1]
+        assert figures["stop s"] < 5, figures
         # compare: B = the same model with an int8 KV cache
         view.panel_b.engine.value, view.panel_b.quant_policy.value, view.panel_b.cache_ratio.value = "pytorch", 8, 0.1
         view.panel_b.load_btn.click()
@@ -435,8 +444,21 @@ def test_gpu_lmdeploy_reload_compare_stop_and_memory_back_after_unload(capsys):
         assert len(table) == 2 and (table["memory_gib"] > 0).all(), table
         figures["compare"] = table[["config", "tokens_per_s", "ttft_s", "memory_gib"]].to_dict("records")
         assert "GiB" in view.gauge_label.value
-        view.panel_a.unload_btn.click()
         view.panel_b.unload_btn.click()
+        # a vision-language model: the image's token cost before sending, then a reply about it
+        panel.model.value, panel.cache_ratio.value = VL, 0.1
+        panel.load_btn.click()
+        p.wait()
+        assert ctl.slots["A"].state == "ready", ctl.slots["A"].message
+        assert view.image_row.layout.display == ""
+        image = next(iter(vision.sample_images().values()))
+        view.upload.value = [{"name": "x.png", "type": "image/png", "size": 0, "last_modified": NOW,
+                              "content": memoryview(Path(image).read_bytes())}]
+        assert "image tokens" in view.image_cost.value, view.image_cost.value
+        seen = p.ask("What is in the picture?")
+        assert seen is not None and seen.prompt_tokens > vision.token_cost(ctl.slots["A"].plan.model_dir, Path(image))
+        figures["image"] = (view.image_cost.value, seen.summary())
+        view.panel_a.unload_btn.click()
         after = memory_used()
         figures["memory MiB baseline / after unload"] = (baseline / 2**20, after / 2**20)
         assert after <= baseline + 512 * 2**20, figures
