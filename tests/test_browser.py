@@ -168,20 +168,33 @@ def assert_no_error(page) -> None:
             f"the playground shows an error: {status.first.inner_text()}"
 
 
+def wait_js(page, js: str, what: str, timeout_s: float = 120) -> None:
+    """Wait until `js` is true; on a timeout, a screenshot and the playground's status line say what happened."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(js, timeout=timeout_s * 1000, polling=200)
+    except PlaywrightTimeout:
+        shot(page, "timeout.png")
+        status = page.locator(".lk-status").all_inner_texts()
+        pytest.fail(f"{what} did not happen in {timeout_s:.0f} s; the playground says {status} "
+                    f"(screenshot: {ART / 'timeout.png'})")
+
+
 def shot(page, name: str) -> None:
     ART.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ART / name), full_page=False)
 
 
-def send_and_wait(page, text: str, timeout_s: float = 60) -> str:
+def send_and_wait(page, text: str, timeout_s: float = 120) -> str:
     """Type `text` in the prompt box, click Send, wait for the streamed reply; the stats line under it."""
     before = page.locator(".lk-chat .lk-assistant").count()
     page.evaluate(WATCH_CHAT)
     page.locator(".lk-prompt textarea").fill(text)
     page.locator(".lk-prompt textarea").press("Tab")  # the widget syncs its value on change
     page.locator("button.lk-send").click()
-    page.wait_for_function(f"() => document.querySelectorAll('.lk-chat .lk-assistant').length > {before}",
-                           timeout=timeout_s * 1000, polling=100)
+    wait_js(page, f"() => document.querySelectorAll('.lk-chat .lk-assistant').length > {before}",
+            f"a reply to {text!r}", timeout_s)
     watched = page.evaluate("() => window.__lk")
     assert watched["pending"] >= 1, f"the reply did not stream (no partial reply seen): {watched}"
     assert text in page.locator(".lk-chat").inner_text()
@@ -201,7 +214,8 @@ def test_playground_in_the_browser(browser, lab):
     run_all(page)
     assert_no_error(page)
     page.locator(".lk-playground").scroll_into_view_if_needed()
-    assert "loaded" in page.locator(".lk-slot-A").inner_text()
+    slot_a = page.locator(".lk-slot-A").inner_text().strip()
+    assert re.match(r"loaded \S+ on ", slot_a), slot_a
     assert "tokens that fit" in page.locator(".lk-plan-A").inner_text()
     shot(page, "06-1-after-run-all.png")
 
@@ -225,11 +239,10 @@ def test_playground_in_the_browser(browser, lab):
 
     page.locator(".widget-tab .lm-TabBar-tab", has_text="Compare").click()
     page.locator("button.lk-load-B").click()
-    page.wait_for_function("() => /loaded/.test(document.querySelector('.lk-slot-B').textContent)",
-                           timeout=60_000, polling=200)
+    wait_js(page, "() => /^loaded \\S+ on /.test(document.querySelector('.lk-slot-B').textContent.trim())", "loading B")
     page.locator("button.lk-compare").click()
-    page.wait_for_function("() => ['A', 'B'].every(k => /tok\\/s/.test("
-                           "document.querySelector('.lk-compare-' + k).textContent))", timeout=60_000, polling=200)
+    wait_js(page, "() => ['A', 'B'].every(k => /tok\\/s/.test(document.querySelector('.lk-compare-' + k).textContent))",
+            "the compare of A and B")
     page.wait_for_selector(".lk-chart[src]")
     assert_no_error(page)
     page.locator(".lk-chart").scroll_into_view_if_needed()
