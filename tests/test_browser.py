@@ -24,9 +24,12 @@ ART = Path(os.environ.get("LABKIT_BROWSER_ARTIFACTS", ROOT / "artifacts" / "brow
 CHROMIUM = os.environ.get("LABKIT_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# Run All is over when every code cell has run, or when none runs and an error stopped it.
 ALL_DONE = """() => {
   const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent.trim());
-  return prompts.length > 0 && prompts.every(t => /^\\[\\d+\\]:$/.test(t));
+  if (prompts.length > 0 && prompts.every(t => /^\\[\\d+\\]:$/.test(t))) return true;
+  const errored = [...document.querySelectorAll('.jp-OutputArea-output')].some(e => /Traceback/.test(e.textContent));
+  return errored && !prompts.some(t => t === '[*]:');
 }"""
 # Records whether a reply was seen mid-stream (the cursor "▌" in the chat) and how often the chat changed.
 WATCH_CHAT = """() => {
@@ -155,6 +158,7 @@ def run_all(page, timeout_s: float = 150) -> None:
         prompts = page.locator(".jp-CodeCell .jp-InputPrompt").all_inner_texts()
         pytest.fail(f"Run All did not finish in {timeout_s:.0f} s; cell prompts: {prompts} "
                     f"(screenshot: {ART / 'run-all-timeout.png'})")
+    assert_no_error(page)
 
 
 def assert_no_error(page) -> None:
