@@ -224,7 +224,8 @@ class Controller:
     def messages(self, history: list[dict] | None = None) -> list[dict]:
         """The conversation as OpenAI-style messages, system prompt first."""
         system = [{"role": "system", "content": self.system}] if self.system.strip() else []
-        return system + (self.history if history is None else history)
+        turns = self.history if history is None else history
+        return system + [{"role": m["role"], "content": m["content"]} for m in turns]  # without the reply stats
 
     def attach_image(self, image: Any) -> str:
         """Attach an image (path, bytes or PIL image) to the next message; returns its token cost line."""
@@ -281,7 +282,7 @@ class Controller:
                 self.returned = text       # and gives the typed text back to the prompt box
                 raise
             self.image = None
-            self.history.append({"role": "assistant", "content": reply.text})
+            self.history.append({"role": "assistant", "content": reply.text, "reply": reply})
 
         return self._run("send", work, wait)
 
@@ -299,7 +300,7 @@ class Controller:
             except BaseException:
                 self.history.append(removed)
                 raise
-            self.history.append({"role": "assistant", "content": reply.text})
+            self.history.append({"role": "assistant", "content": reply.text, "reply": reply})
 
         return self._run("retry", work, wait)
 

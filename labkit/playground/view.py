@@ -45,6 +45,7 @@ class ModelPanel:
         choices = engine_choices()
         values = [v for _, v in choices]
         self.model = w.Combobox(value=model, options=model_options(), ensure_option=False, description="model",
+                                continuous_update=False,
                                 placeholder="a catalogue name, generated:NAME or a folder", style=STYLE,
                                 layout=w.Layout(width="98%"))
         self.engine = w.Dropdown(options=choices, value=engine if engine in values else values[0],
@@ -234,8 +235,9 @@ class PlaygroundView:
     def send(self) -> None:
         """The Send button: the prompt box with the generation panel's options."""
         text = self.prompt.value
-        if self.ctl.send(text, self.gen.options()) is not None:
-            self.prompt.value = ""
+        self.prompt.value = ""  # before the reply starts: a failed Send puts it back (controller.returned)
+        if self.ctl.send(text, self.gen.options()) is None:
+            self.prompt.value = text
 
     def retry(self) -> None:
         """The Retry button."""
@@ -267,7 +269,7 @@ class PlaygroundView:
         files = self.upload.value
         if not files:
             return
-        data = bytes(files[0]["content"]) if isinstance(files, (list, tuple)) else bytes(next(iter(files.values()))["content"])
+        data = bytes(files[0]["content"])
         try:
             self.image_cost.value = html.escape(self.ctl.attach_image(data))
         except Exception as err:
@@ -315,7 +317,8 @@ class PlaygroundView:
         rows = []
         for m in self.ctl.history:
             who = "you" if m["role"] == "user" else "model"
-            rows.append(f"<div class='lk-msg lk-{m['role']}'><b>{who}:</b> {_content(m['content'])}</div>")
+            stats = f"<br><small style='color:#777'>{html.escape(m['reply'].summary())}</small>" if "reply" in m else ""
+            rows.append(f"<div class='lk-msg lk-{m['role']}'><b>{who}:</b> {_content(m['content'])}{stats}</div>")
         if self.ctl.pending is not None:
             rows.append(f"<div class='lk-msg lk-pending'><b>model:</b> {html.escape(self.ctl.pending)} ▌</div>")
         self.chat.value = "".join(rows) or "<i>no messages yet</i>"
@@ -338,8 +341,13 @@ class PlaygroundView:
                 mem = f"{row['memory_gib']:.2f} GiB" if row["memory_gib"] else "no GPU"
                 self.columns[row["slot"]].value = (
                     f"<b>{row['slot']}: {html.escape(row['config'])}</b><br>{row['tokens_per_s']:,.1f} tok/s · "
-                    f"{row['reply_tokens']} tokens · memory {mem}<hr>{html.escape(row['text'])}")
+                    f"first token {_ms(row['ttft_s'])} · {row['reply_tokens']} tokens · memory {mem}<hr>"
+                    f"{html.escape(row['text'])}")
         self.chart.value = chart_png(self.ctl.compares)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:,.0f} ms"
 
 
 def _content(content: Any) -> str:
