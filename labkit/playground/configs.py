@@ -149,7 +149,8 @@ def make_plan(cfg: LoadConfig, download: bool = False) -> Plan:
         prediction = (f"weights {weights}. transformers keeps no KV-cache pool (it grows per request); "
                       f"on LMDeploy this ratio and KV policy would give: {kv}")
     else:
-        prediction = f"weights {weights} + {kv}"
+        prediction = f"weights {weights} + {kv}" + (
+            "; TurboMind sizes its cache like this too, give or take its own buffers" if engine == "turbomind" else "")
     return Plan(cfg, model_dir, engine, why, is_vl, session_len, prediction)
 
 

@@ -49,7 +49,9 @@ class Reply:
     def summary(self) -> str:
         """One line for the panel."""
         first = f"{self.ttft_s * 1000:,.0f} ms" if self.ttft_s is not None else "-"
-        mem = f" · GPU {self.memory_gib:.2f} GiB" if self.memory_gib else ""
+        mem = f" · engine {self.memory_gib:.2f} GiB of GPU memory" if self.memory_gib else ""
+        if self.peak_gib is not None:
+            mem += f" (+{self.peak_gib * 1024:,.0f} MiB at the reply's peak)"
         return (f"{self.prompt_tokens if self.prompt_tokens is not None else '?'} prompt + {self.reply_tokens} reply "
                 f"tokens · first token {first} · {self.tokens_per_s:,.1f} tok/s · finish_reason={self.finish_reason}"
                 f"{mem}")
@@ -74,7 +76,6 @@ class Controller:
         self.returned: str | None = None
         self.listeners: list[Callable[[str], None]] = []
         self.baseline_memory = memory_used_or_none()
-        self.peak_gib: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -106,18 +107,12 @@ class Controller:
             self.error = None
 
             def body():
-                from labkit.gpu import MemoryWatcher
-
-                watcher = MemoryWatcher(interval=0.25).start()
-                ticker = threading.Thread(target=self._tick, args=(watcher,), daemon=True)
-                ticker.start()
+                threading.Thread(target=self._tick, daemon=True, name="labkit-playground-gauge").start()
                 try:
                     fn()
                 except BaseException as err:  # shown in the panel; the playground stays usable
                     self._say(f"{what} failed: {one_line(err)}", error=True)
                 finally:
-                    watcher.stop()
-                    self.peak_gib = (watcher.peak / 2**30) if watcher.peak else None
                     self.pending = None
                     self.notify("gauge")
                     self.notify("chat")
@@ -128,7 +123,8 @@ class Controller:
             self.wait()
         return self._thread
 
-    def _tick(self, watcher) -> None:
+    def _tick(self) -> None:
+        """Redraw the GPU gauge (and a load's progress) twice a second while work runs."""
         while self.busy:
             self.notify("gauge")
             time.sleep(0.5)
@@ -330,6 +326,7 @@ class Controller:
         return next((m["content"] for m in reversed(self.history) if m["role"] == "assistant"), "")
 
     def _reply(self, key: str, messages: list[dict], gen: dict) -> Reply:
+        from labkit.gpu import MemoryWatcher
         from labkit.show import stream_to_notebook
 
         slot = self._ready(key)
@@ -347,13 +344,15 @@ class Controller:
                     break
 
         try:
-            result = stream_to_notebook(watched(), show=False)
+            with MemoryWatcher(interval=0.1) as watch:  # what the reply adds at its peak (no-op without a GPU)
+                result = stream_to_notebook(watched(), show=False)
         finally:
             pieces.close() if hasattr(pieces, "close") else None
         reason = "stopped" if self._stop.is_set() else result.finish_reason
         mem = getattr(slot.engine, "memory_gib", 0.0) or None
+        peak = (watch.peak - watch.baseline) / 2**30 if watch.peak else None
         reply = Reply(result.text, result.input_tokens, result.tokens, result.ttft_s, result.tokens_per_s,
-                      result.seconds, reason, slot.config.label(), mem)
+                      result.seconds, reason, slot.config.label(), mem, peak)
         self.replies.append(reply)
         self._say(f"{key}: {reply.summary()}")
         return reply
