@@ -448,6 +448,19 @@ def test_gpu_lmdeploy_reload_compare_stop_and_memory_back_after_unload(capsys):
         figures["compare"] = table[["config", "tokens_per_s", "ttft_s", "memory_gib"]].to_dict("records")
         assert "GiB" in view.gauge_label.value
         view.panel_b.unload_btn.click()
+        # out of memory: a GPU filled to 0.5 GiB free refuses B with the numbers, and A goes on answering
+        free, _total = torch.cuda.mem_get_info()
+        ballast = torch.empty(free - 2**29, dtype=torch.uint8, device="cuda")
+        try:
+            view.panel_b.load_btn.click()
+            p.wait()
+            message = ctl.slots["B"].message
+            assert ctl.slots["B"].state == "failed" and ("needs about" in message or "will not fit" in message), message
+            figures["full GPU"] = message
+            assert p.ask("Still there?") is not None, p.error
+        finally:
+            del ballast
+            torch.cuda.empty_cache()
         # a vision-language model: the image's token cost before sending, then a reply about it
         panel.model.value, panel.cache_ratio.value = VL, 0.1
         panel.load_btn.click()

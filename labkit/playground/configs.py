@@ -142,8 +142,11 @@ def make_plan(cfg: LoadConfig, download: bool = False) -> Plan:
     session_len = cfg.session_len or int(text.get("max_position_embeddings") or 4096)
     weights = _gib(kvcache.weights_bytes(model_dir))
     free, where = kvcache.assumed_free(model_dir)
-    got = kvcache.predict(model_dir, min(cfg.cache_ratio, 0.99), cfg.quant_policy, free_bytes=free,
-                          gpu_name=None if has_cuda() else "A100")
+    try:
+        got = kvcache.predict(model_dir, min(cfg.cache_ratio, 0.99), cfg.quant_policy, free_bytes=free,
+                              gpu_name=None if has_cuda() else "A100")
+    except ValueError as err:  # the GPU is too full for this model and ratio: say so before loading
+        raise PlaygroundError(f"{model_dir.name} will not fit: {one_line(err)}") from err
     kv = f"KV cache {_gib(got['kv_bytes'])} = {got['tokens']:,} tokens that fit ({where})"
     if engine == "transformers":
         prediction = (f"weights {weights}. transformers keeps no KV-cache pool (it grows per request); "
