@@ -162,6 +162,8 @@ class PlaygroundView:
         self.ctl = ctl
         self.panel_a = ModelPanel(ctl, "A", model, engine)
         self.panel_b = ModelPanel(ctl, "B", model_b or model, engine_b or engine)
+        if self.panel_b.engine.value != "transformers":
+            self.panel_b.quant_policy.value = 8  # something to compare on LMDeploy: the same model with int8 KV
         self.gen = GenerationPanel(ctl)
         self.status = w.HTML()
         self.status.add_class("lk-status")
