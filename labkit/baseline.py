@@ -147,12 +147,15 @@ class HFEngine:
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
         return self._finish(out[0, ids.shape[1]:].tolist(), ids.shape[1])
 
-    def stream(self, prompt: str | list[dict], **gen: Any) -> Iterator[HFResponse]:
-        """Stream one reply: yields HFResponses whose .text is the new piece, the last with finish_reason."""
+    def stream(self, prompt: str | list[dict], stop: threading.Event | None = None, **gen: Any) -> Iterator[HFResponse]:
+        """Stream one reply: yields HFResponses whose .text is the new piece, the last with finish_reason;
+        setting `stop` ends generate() after its current token (finish_reason 'abort', as lmdeploy says)."""
         kw = self._gen_kwargs(**gen)  # bad input fails here, before the generator starts
-        return self._stream(self.encode(prompt), kw)
+        if stop is not None:
+            kw["stopping_criteria"] = _stop_when(stop)
+        return self._stream(self.encode(prompt), kw, stop)
 
-    def _stream(self, ids, kw: dict[str, Any]) -> Iterator[HFResponse]:
+    def _stream(self, ids, kw: dict[str, Any], stop: threading.Event | None = None) -> Iterator[HFResponse]:
         streamer = _counting_streamer(self.tokenizer)
         result: dict[str, Any] = {}
 
@@ -178,7 +181,8 @@ class HFEngine:
         if "error" in result:
             raise result["error"]
         final = self._finish(result["out"][0, ids.shape[1]:].tolist(), ids.shape[1])
-        yield HFResponse("", final.generate_token_len, final.input_token_len, final.finish_reason)
+        reason = "abort" if stop is not None and stop.is_set() and final.finish_reason == "length" else final.finish_reason
+        yield HFResponse("", final.generate_token_len, final.input_token_len, reason)
 
     def close(self) -> None:
         """Free the model (and its GPU memory)."""
@@ -231,3 +235,16 @@ def _counting_streamer(tokenizer):
     streamer = CountingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
     streamer.tokens = 0
     return streamer
+
+
+def _stop_when(event: threading.Event):
+    """A transformers stopping criterion that ends generation once `event` is set (the Stop button)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Stop()])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -301,15 +302,31 @@ class Engine:
         return deadline.call(lambda: self.pipe(prompts, gen_config=cfg), timeout, f"engine {self.name!r}",
                              self._stuck())
 
-    def stream(self, prompt, timeout: float | None = None, **gen: Any) -> Iterator[Any]:
+    def stream(self, prompt, timeout: float | None = None, stop: threading.Event | None = None,
+               **gen: Any) -> Iterator[Any]:
         """Stream one prompt: yields lmdeploy Responses whose .text is the new piece; a RequestTimeout when
-        no piece comes for `timeout` seconds."""
+        no piece comes for `timeout` seconds; setting `stop` aborts the request in the engine (not only the
+        reading of it)."""
         from labkit import deadline
 
         self._check_open()
         cfg = gen_config(**gen)
-        yield from deadline.iterate(lambda: self.pipe.stream_infer(prompt, gen_config=cfg), timeout,
-                                    f"engine {self.name!r} (streaming)", self._stuck())
+        what = f"engine {self.name!r} (streaming)"
+        if stop is None:
+            yield from deadline.iterate(lambda: self.pipe.stream_infer(prompt, gen_config=cfg), timeout, what,
+                                        self._stuck())
+            return
+        session = self.pipe.session()  # its own session, so that abort() cancels this request in the engine
+        try:
+            pieces = deadline.iterate(lambda: self.pipe.stream_infer(prompt, sessions=session, gen_config=cfg),
+                                      timeout, what, self._stuck())
+            for piece in pieces:
+                if stop.is_set():
+                    session.abort()
+                    break
+                yield piece
+        finally:
+            session.close()  # aborts a request still running (the reader stopped early), then frees the session
 
     def chat_turns(self, prompts: list, timeout: float | None = None, **gen: Any) -> "pandas.DataFrame":
         """A multi-turn chat in one `pipe.chat` session (prompts: text or (text, image)), one row per turn

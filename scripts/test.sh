@@ -4,7 +4,7 @@
 # pytest's exit code is ours: "no tests ran" (5) fails too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh || exit 1
+LABKIT_WITH_BROWSER=1 scripts/setup.sh || exit 1
 export PATH="$PWD/.venv/bin:$PATH"
 .venv/bin/python -m pytest tests notebooks --nbval-lax --nbval-current-env \
   --nbval-cell-timeout="${CELL_TIMEOUT:-600}" -p no:cacheprovider "$@"
