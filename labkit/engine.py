@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from labkit import config, kvcache
 from labkit.gpu import GiB, memory_used, require_gpu, wait_for_memory_release
+from labkit.errors import LabkitError
 
 if TYPE_CHECKING:
     import pandas
@@ -25,7 +26,7 @@ BACKENDS = ("auto", "turbomind", "pytorch")
 _live: dict[str, "Engine"] = {}
 
 
-class EngineError(RuntimeError):
+class EngineError(LabkitError, RuntimeError):
     """An engine could not be built or used; the message says what to do."""
 
 

@@ -11,6 +11,7 @@ import math
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from labkit.errors import InputError
 
 MIME = "application/vnd.labkit.evidence+json"
 _context: dict[str, Any] = {"notebook": None}
@@ -72,9 +73,9 @@ def _environment() -> dict[str, Any]:
 def record(step: str, **values: Any) -> None:
     """Record what `step` proved: shows a table and leaves a machine-readable copy in the notebook."""
     if not step or not isinstance(step, str):
-        raise ValueError("record(step, ...) needs a step name such as 'homework-story'")
+        raise InputError("record(step, ...) needs a step name such as 'homework-story'")
     if not values:
-        raise ValueError(f"record({step!r}) needs at least one value, e.g. record({step!r}, tokens=300)")
+        raise InputError(f"record({step!r}) needs at least one value, e.g. record({step!r}, tokens=300)")
     entry = {
         "step": step,
         "notebook": _context["notebook"],

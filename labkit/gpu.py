@@ -9,12 +9,13 @@ import functools
 import threading
 import time
 from dataclasses import asdict, dataclass
+from labkit.errors import LabkitError
 
 GiB = 1024**3
 NO_GPU_HINT = "needs a CUDA GPU: found none; see 00_setup"
 
 
-class NoGPUError(RuntimeError):
+class NoGPUError(LabkitError, RuntimeError):
     """Raised where a step needs a CUDA GPU and there is none (or it is too small)."""
 
 

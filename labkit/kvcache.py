@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from labkit.errors import OptionError
 
 if TYPE_CHECKING:
     import pandas
@@ -49,7 +50,7 @@ class ModelShape:
 def check_policy(quant_policy: int) -> int:
     """The policy itself, or a ValueError listing the valid ones."""
     if quant_policy not in QUANT_POLICIES:
-        raise ValueError(f"quant_policy must be one of {sorted(QUANT_POLICIES)} "
+        raise OptionError(f"quant_policy must be one of {sorted(QUANT_POLICIES)} "
                          f"({', '.join(f'{k}: {v}' for k, v in QUANT_POLICIES.items())}), not {quant_policy!r}")
     return quant_policy
 
@@ -57,10 +58,10 @@ def check_policy(quant_policy: int) -> int:
 def check_ratio(ratio: float, backend: str | None = None) -> float:
     """The cache ratio itself, or a ValueError: it must lie in (0, 1], and below 1 for the PyTorch engine."""
     if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"cache_max_entry_count must be in (0, 1] (a share of the free GPU memory), "
+        raise OptionError(f"cache_max_entry_count must be in (0, 1] (a share of the free GPU memory), "
                          f"not {ratio!r}; the course uses 0.8, 0.4 and 0.01")
     if backend == "pytorch" and ratio >= 1:
-        raise ValueError(f"cache_max_entry_count must be below 1 for lmdeploy's PyTorch engine (it keeps some "
+        raise OptionError(f"cache_max_entry_count must be below 1 for lmdeploy's PyTorch engine (it keeps some "
                          f"memory for its own work), not {ratio!r}: use e.g. 0.9")
     return float(ratio)
 
@@ -85,7 +86,7 @@ def gain_vs_fp16(runs: "pandas.DataFrame") -> dict[int, float]:
     """Mean tokens per KV GiB of each int KV policy in a sweep's runs table, divided by that of policy 0."""
     mean = runs.groupby("quant_policy")["tokens per KV GiB"].mean()
     if 0 not in mean.index:
-        raise ValueError("the runs have no quant_policy 0 row to compare with")
+        raise OptionError("the runs have no quant_policy 0 row to compare with")
     return {int(p): float(v / mean[0]) for p, v in mean.items() if p != 0}
 
 
@@ -220,14 +221,14 @@ def predict(model_dir: str | Path, ratio: float, quant_policy: int = 0, free_byt
         runtime = runtime_reserve(shape.vocab, prefill, batches)
         blocks = int((free_bytes - runtime) * ratio) // per_block
         if blocks <= 2:
-            raise ValueError(f"no room for a KV cache: {free_bytes / 1024**3:.2f} GiB free after the weights, "
+            raise OptionError(f"no room for a KV cache: {free_bytes / 1024**3:.2f} GiB free after the weights, "
                              f"ratio {ratio}, {per_block / 1024**2:.2f} MiB per block of {size} tokens. Raise the "
                              f"ratio, use a smaller or quantized model, or free GPU memory")
         if blocks >= MIN_BLOCKS:
             break
         prefill //= 2
         if prefill <= 0:
-            raise ValueError("not enough GPU memory for the engine's runtime buffers")
+            raise OptionError("not enough GPU memory for the engine's runtime buffers")
     return {"blocks": blocks, "tokens": blocks * size, "kv_bytes": blocks * per_block, "block_size": size,
             "block_bytes": per_block, "free_bytes": int(free_bytes), "runtime_bytes": runtime,
             "max_prefill_token_num": prefill, "max_batch_size": batches, "ratio": ratio,
@@ -247,7 +248,7 @@ def engine_capacity(engine) -> dict:
     backend = pipe.async_engine.engine
     cache = getattr(backend, "cache_config", None)
     if cache is None or not hasattr(cache, "num_gpu_blocks"):
-        raise ValueError(f"{type(backend).__name__} does not report its KV blocks to Python (TurboMind keeps "
+        raise OptionError(f"{type(backend).__name__} does not report its KV blocks to Python (TurboMind keeps "
                          f"them in C++): start the engine with backend='pytorch' to read them")
     policy, size, blocks = int(cache.quant_policy), int(cache.block_size), int(cache.num_gpu_blocks)
     per_block, source = _engine_block_bytes(backend), "engine"
@@ -333,7 +334,7 @@ def check_runs(runs) -> list[tuple[float, int]]:
     """(ratio, policy) pairs checked for the PyTorch engine, fp16 first; a ValueError before anything starts."""
     runs = [(check_ratio(r, "pytorch"), check_policy(p)) for r, p in runs]
     if not any(p == 0 for _, p in runs):
-        raise ValueError("runs need a quant_policy 0 run: its greedy outputs are the reference for agreement")
+        raise OptionError("runs need a quant_policy 0 run: its greedy outputs are the reference for agreement")
     first = next(i for i, (_, p) in enumerate(runs) if p == 0)
     return [runs[first]] + runs[:first] + runs[first + 1:]
 

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 from labkit.serve import LOCAL_HOSTS
 from labkit.webui import list_models, openai_base
+from labkit.errors import LabkitError
 
 MAX_REQUESTS = 2000
 MAX_CONCURRENCY = 512
@@ -23,7 +24,7 @@ MAX_SECONDS = 600.0
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-class LoadTestError(ValueError):
+class LoadTestError(LabkitError, ValueError):
     """The load test was asked for something it will not do (another host, too many requests...)."""
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import time
 from typing import Any
+from labkit.errors import InputError
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -17,7 +18,7 @@ def default_engine(model: str, name: str = "playground", engine: str = "auto"):
     from labkit.gpu import has_cuda
 
     if engine not in ("auto", "lmdeploy", "transformers"):
-        raise ValueError(f"engine must be 'auto', 'lmdeploy' or 'transformers', not {engine!r}")
+        raise InputError(f"engine must be 'auto', 'lmdeploy' or 'transformers', not {engine!r}")
     if engine == "lmdeploy" or (engine == "auto" and has_cuda()):
         from labkit.engine import Engine
 

@@ -32,6 +32,7 @@ from labkit import config
 from labkit.engine import needs_remote_code
 from labkit.gpu import GiB
 from labkit.kvcache import text_config, weight_files
+from labkit.errors import LabkitError
 
 HUB_SETS = ("wikitext2", "c4", "pileval", "gsm8k", "neuralmagic_calibration", "open-platypus", "openwebtext")
 STATS_FILES = ("inputs_stats.pth", "outputs_stats.pth")  # calibration intermediates auto_awq leaves behind
@@ -49,7 +50,7 @@ def lab_settings() -> dict:
             "calib_seqlen": config.param("CALIB_SEQLEN", full=256, test=128)}
 
 
-class QuantError(ValueError):
+class QuantError(LabkitError, ValueError):
     """Bad input for quantization; the message says what to change."""
 
 

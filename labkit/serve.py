@@ -32,6 +32,7 @@ from typing import Any
 from labkit import config
 from labkit.diagnose import diagnose  # noqa: F401  (labkit.serve.diagnose is public)
 from labkit.gpu import GiB, gpus, memory_used_or_none, process_memory, require_gpu
+from labkit.errors import LabkitError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 STOP_GRACE_S = 8.0          # SIGTERM, then SIGKILL after this long (lmdeploy needs ~3 s)
@@ -39,7 +40,7 @@ WATCH_INTERVAL_S = 0.5      # how often the watchdog looks at its parent
 _live: dict[str, "Server"] = {}
 
 
-class ServerError(RuntimeError):
+class ServerError(LabkitError, RuntimeError):
     """A server could not start or stopped unexpectedly; the message says why and what to do."""
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from labkit import config, generate
+from labkit.errors import LabkitError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -48,7 +49,7 @@ INTERNVL_ARCHS = ("InternVLForConditionalGeneration", "InternS1ForConditionalGen
 LEGACY_INTERNVL_ARCHS = ("InternVLChatModel",)
 
 
-class ImageError(ValueError):
+class ImageError(LabkitError, ValueError):
     """An image could not be read or used; the message says what to do next."""
 
 
