@@ -8,7 +8,11 @@ of one): a MultimodalTextbox whose images `check_upload` checks with labkit.visi
 
 `ask` and `retry` drive a running app from code through gradio_client, the way a browser does:
 
-    history = labkit.webui.ask(ui, "Describe this picture.", files=["chart.png"], max_new_tokens=64)
+    chat = labkit.webui.ask(ui, "Describe this picture.", files=["chart.png"], max_new_tokens=64)
+
+Nothing a client sends makes the app read a file it names: the conversation stays on the server (gr.State,
+one per session; no API takes a history), uploads are accepted only from Gradio's upload folder (symlinks
+and `..` resolved), and a UI that other machines can reach (--share, a non-loopback host) needs a password.
 """
 from __future__ import annotations
 
@@ -19,8 +23,71 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from labkit.errors import InputError, LabkitError
 
 DEFAULTS = {"max_new_tokens": 256, "top_p": 0.8, "top_k": 40, "temperature": 0.7}
+
+
+class UploadError(LabkitError, ValueError):
+    """A client named a file that was not uploaded through the page (the web UI reads no other file)."""
+
+
+class AuthError(InputError):
+    """A web UI open to other machines (--share, a non-loopback host) without a password."""
+
+
+class UnknownParameterError(InputError, TypeError):
+    """A generation parameter the web UI does not have (max_tokens instead of max_new_tokens, ...)."""
+
+
+def upload_dir() -> Path:
+    """Gradio's upload folder (GRADIO_TEMP_DIR, else <tmp>/gradio), symlinks resolved: the only folder whose
+    files a client may name."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder()).resolve()
+
+
+def uploaded_file(path: Any, uploads: Path) -> Path:
+    """`path` if it is a regular file inside `uploads` once symlinks and `..` are resolved, else UploadError."""
+    shown = str(path)[:120]
+    try:
+        real = Path(os.fspath(path)).resolve(strict=True)
+    except (OSError, RuntimeError, TypeError, ValueError):
+        raise UploadError(f"refused {shown!r}: no such uploaded file; attach pictures with the clip") from None
+    if not real.is_relative_to(uploads) or not real.is_file():
+        raise UploadError(f"refused {shown!r}: the web UI reads only files uploaded through the page "
+                          f"(into {uploads}); attach pictures with the clip") from None
+    return real
+
+
+def check_history(history: Any, uploads: Path) -> list:
+    """A client's chat history with every file it names checked by uploaded_file and every image part a data
+    URL (nothing the server would fetch or read); UploadError otherwise."""
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise UploadError("the chat history must be a list of messages")
+    for m in history:
+        if isinstance(m, dict):
+            _check_content(m.get("content"), uploads)
+    return history
+
+
+def _check_content(content: Any, uploads: Path) -> None:
+    if _is_upload(content):
+        content = _upload_items(content)
+    for item in content if isinstance(content, (list, tuple)) else [content]:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "file" or "path" in item:
+            f = item.get("file", item)
+            uploaded_file(f.get("path") if isinstance(f, dict) else f, uploads)
+        elif item.get("type") in ("image_url", "input_image"):
+            url = item.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not (isinstance(url, str) and url.startswith("data:")):
+                raise UploadError("refused an image part that is not a data: URL; attach pictures with the clip")
 
 
 def openai_base(api: Any) -> tuple[str, str]:
@@ -29,7 +96,7 @@ def openai_base(api: Any) -> tuple[str, str]:
         return api.openai_url, getattr(api, "api_key", "none")
     url = str(api).rstrip("/")
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"api must be a URL like http://127.0.0.1:23333 (or a labkit Server), not {api!r}")
+        raise InputError(f"api must be a URL like http://127.0.0.1:23333 (or a labkit Server), not {api!r}")
     return (url if url.endswith("/v1") else url + "/v1"), os.environ.get("OPENAI_API_KEY", "none")
 
 
@@ -50,11 +117,14 @@ def file_part(path: str | Path, mime: str | None = None) -> dict:
     return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
 
 
-def message_content(content: Any) -> str | list[dict]:
+def message_content(content: Any, uploads: Path | None = None) -> str | list[dict]:
     """OpenAI message content from a Gradio chat message's content: text stays a string; files become
-    image parts (a list of parts, for vision-language models)."""
+    image parts (a list of parts, for vision-language models). With `uploads` (the app does this), only
+    files inside that folder are read (check_history)."""
     if isinstance(content, str):
         return content
+    if uploads is not None:
+        _check_content(content, uploads)
     if _is_upload(content):  # gr.MultimodalTextbox's value (lab 05): {"text": ..., "files": [...]}
         content = _upload_items(content)
     items = content if isinstance(content, (list, tuple)) else [content]
@@ -85,9 +155,10 @@ def _upload_items(value: dict) -> list:
     return ([text] if text.strip() else []) + files
 
 
-def check_upload(value: Any) -> str | list:
+def check_upload(value: Any, uploads: Path | None = None) -> str | list:
     """A user's upload (MultimodalTextbox value) as chat content, each image checked first (lab 05):
-    a missing, empty, corrupt or non-image file raises labkit.vision.ImageError with what to do."""
+    a missing, empty, corrupt or non-image file raises labkit.vision.ImageError with what to do; with
+    `uploads`, a file outside that folder raises UploadError before it is opened."""
     if not _is_upload(value):
         return value
     from labkit import vision
@@ -95,18 +166,20 @@ def check_upload(value: Any) -> str | list:
     items = _upload_items(value)
     for item in items:
         if isinstance(item, dict):
-            vision.load(item["path"])
+            vision.load(item["path"] if uploads is None else uploaded_file(item["path"], uploads))
     return items[0] if len(items) == 1 and isinstance(items[0], str) else items
 
 
-def build_messages(history: list[dict], message: Any = None, system: str | None = None) -> list[dict]:
-    """OpenAI chat messages from a Gradio history (+ a new user message and an optional system prompt)."""
+def build_messages(history: list[dict], message: Any = None, system: str | None = None,
+                   uploads: Path | None = None) -> list[dict]:
+    """OpenAI chat messages from a Gradio history (+ a new user message and an optional system prompt);
+    with `uploads`, files outside that folder are refused (UploadError)."""
     out = [{"role": "system", "content": system}] if system and system.strip() else []
     for m in history or []:
         if m.get("role") in ("user", "assistant", "system"):
-            out.append({"role": m["role"], "content": message_content(m.get("content", ""))})
+            out.append({"role": m["role"], "content": message_content(m.get("content", ""), uploads)})
     if message is not None:
-        out.append({"role": "user", "content": message_content(message)})
+        out.append({"role": "user", "content": message_content(message, uploads)})
     return out
 
 
@@ -152,34 +225,42 @@ def build_app(api: Any, title: str = "LMDeploy Lab chat", vision: bool = False):
         names = models_or_error()
         return gr.Dropdown(choices=names, value=names[0] if names else None)
 
+    # The conversation lives on the server (gr.State, one per browser session): no API takes a history, so
+    # a client cannot name a file through one. The Chatbot only shows it.
     def _reply(history, model, system, max_new_tokens, top_p, top_k, temperature):
-        if not model:
+        if not model or not isinstance(model, str):
             raise fail("pick a model first (the list comes from /v1/models)")
-        messages = build_messages(history, None, system)
+        try:
+            messages = build_messages(history, None, system, uploads=upload_dir())
+        except UploadError as err:
+            raise fail(str(err)) from None
         history = history + [{"role": "assistant", "content": ""}]
         try:
             for text in stream_reply(api, model, messages, max_new_tokens, top_p, top_k, temperature):
                 history[-1] = {"role": "assistant", "content": text}
-                yield history
+                yield history, history
         except gr.Error:
             raise
         except Exception as err:
             raise fail(f"the server at {base} failed: {type(err).__name__}: {str(err)[:200]}") from None
-        yield history
+        yield history, history
 
     def chat(message, history, model, system, max_new_tokens, top_p, top_k, temperature):
+        history = list(history or [])
         if _is_upload(message):  # a vision model's input: text + images, each image checked before sending
             from labkit.vision import ImageError
 
             try:
-                message = check_upload(message)
-            except ImageError as err:
+                message = check_upload(message, upload_dir())
+            except (ImageError, UploadError) as err:
                 raise fail(str(err)) from None
+        elif not isinstance(message, str):
+            raise fail("the message must be text (pictures go through the clip of a vision model's UI)")
         if not message or isinstance(message, str) and not message.strip():
             raise fail("type a message first")
-        history = (history or []) + [{"role": "user", "content": message}]
-        for h in _reply(history, model, system, max_new_tokens, top_p, top_k, temperature):
-            yield "", h
+        history = history + [{"role": "user", "content": message}]
+        for shown, kept in _reply(history, model, system, max_new_tokens, top_p, top_k, temperature):
+            yield "", shown, kept
 
     def retry(history, model, system, max_new_tokens, top_p, top_k, temperature):
         history = list(history or [])
@@ -194,10 +275,10 @@ def build_app(api: Any, title: str = "LMDeploy Lab chat", vision: bool = False):
         while history and history[-1]["role"] == "assistant":
             history.pop()
         last = history.pop() if history else None
-        return history, (_text(last["content"]) if last else "")
+        return history, history, (_text(last["content"]) if last else "")
 
     def clear():
-        return [], ""
+        return [], [], ""
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"### {title}\nServer: `{base}`")
@@ -223,11 +304,12 @@ def build_app(api: Any, title: str = "LMDeploy Lab chat", vision: bool = False):
                 top_k = gr.Slider(0, 100, value=DEFAULTS["top_k"], step=1, label="top_k (0 = off)")
                 temp = gr.Slider(0.0, 2.0, value=DEFAULTS["temperature"], step=0.05, label="temperature")
         params = [model, system, max_new, top_p, top_k, temp]
-        send_btn.click(chat, [msg, chatbot, *params], [msg, chatbot], api_name="chat")
-        msg.submit(chat, [msg, chatbot, *params], [msg, chatbot], api_visibility="private")
-        retry_btn.click(retry, [chatbot, *params], [chatbot], api_name="retry")
-        undo_btn.click(undo, [chatbot], [chatbot, msg], api_name="undo")
-        clear_btn.click(clear, None, [chatbot, msg], api_name="clear")
+        conversation = gr.State([])  # server-side; clients cannot set it
+        send_btn.click(chat, [msg, conversation, *params], [msg, chatbot, conversation], api_name="chat")
+        msg.submit(chat, [msg, conversation, *params], [msg, chatbot, conversation], api_visibility="private")
+        retry_btn.click(retry, [conversation, *params], [chatbot, conversation], api_name="retry")
+        undo_btn.click(undo, [conversation], [chatbot, conversation, msg], api_name="undo")
+        clear_btn.click(clear, None, [chatbot, conversation, msg], api_name="clear")
         reload_btn.click(refresh, None, [model], api_name="models")
         app.load(refresh, None, [model], api_visibility="private")
     return app
@@ -236,8 +318,9 @@ def build_app(api: Any, title: str = "LMDeploy Lab chat", vision: bool = False):
 class WebUI:
     """A running web UI: its url, the Gradio app, and close()."""
 
-    def __init__(self, app, url: str, share_url: str | None = None):
-        self.app, self.url, self.share_url = app, url, share_url
+    def __init__(self, app, url: str, share_url: str | None = None, auth: tuple[str, str] | None = None):
+        self.app, self.url, self.share_url, self.auth = app, url, share_url, auth
+        self._client = None  # the gradio_client session that ask / retry use
 
     def close(self) -> None:
         """Stop the web server."""
@@ -264,30 +347,66 @@ class WebUI:
 _live: dict[str, WebUI] = {}
 
 
+def check_auth(share: bool, host: str, auth: Any, no_auth_i_understand: bool = False) -> tuple[str, str] | None:
+    """(user, password) from "USER:PASS" or a pair; AuthError when the UI is open to others (share, a
+    non-loopback host) without one, unless no_auth_i_understand."""
+    if isinstance(auth, str):
+        user, sep, password = auth.partition(":")
+        if not (sep and user and password):
+            raise AuthError(f"auth must look like USER:PASS, not {auth!r}")
+        auth = (user, password)
+    elif auth is not None:
+        if not (isinstance(auth, (tuple, list)) and len(auth) == 2 and all(isinstance(a, str) and a for a in auth)):
+            raise AuthError("auth must be 'USER:PASS' or a (user, password) pair of non-empty strings")
+        auth = (auth[0], auth[1])
+    if auth is None and not no_auth_i_understand and (share or not is_loopback(host)):
+        where = "a public gradio.live link (share)" if share else f"host {host!r} (other machines can reach it)"
+        raise AuthError(f"refusing to serve the web UI on {where} without a password: anyone who finds it can "
+                        f"chat with your model on your GPU; pass auth='USER:PASS' (CLI: --auth USER:PASS), "
+                        f"or no_auth_i_understand=True (--no-auth-i-understand)")
+    return auth
+
+
+def is_loopback(host: str) -> bool:
+    """True for names and addresses of this machine only (localhost, 127.x, ::1)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def launch(api_url: Any, port: int | None = None, block: bool = False, share: bool = False,
-           host: str = "127.0.0.1", title: str = "LMDeploy Lab chat", vision: bool | None = None) -> WebUI:
+           host: str = "127.0.0.1", title: str = "LMDeploy Lab chat", vision: bool | None = None,
+           auth: str | tuple[str, str] | None = None, no_auth_i_understand: bool = False) -> WebUI:
     """Serve the chat app for `api_url` (a URL or a labkit Server); returns at once unless block=True.
 
-    vision=None: an image upload appears when `api_url` is a labkit Server of a vision-language model."""
+    vision=None: an image upload appears when `api_url` is a labkit Server of a vision-language model.
+    share=True or a host other machines reach needs auth="USER:PASS" (or no_auth_i_understand=True)."""
     from labkit.live import replace_earlier
-    from labkit.serve import LOCAL_HOSTS, check_port, free_port, url_host
+    from labkit.serve import check_port, free_port, url_host
 
     openai_base(api_url)  # a bad URL fails here, before anything starts
+    auth = check_auth(share, host, auth, no_auth_i_understand)  # so does an open UI without a password
     if vision is None:
         from labkit.vision import is_vision_model
 
         vision = hasattr(api_url, "model_dir") and is_vision_model(api_url.model_dir)
     replace_earlier(_live, "webui", "web UI")  # re-running the cell replaces the app
-    if host not in LOCAL_HOSTS:
-        print(f"WARNING: the web UI listens on {host}: anyone who can reach this machine can chat with the model")
+    if not is_loopback(host):
+        print(f"WARNING: the web UI listens on {host}: anyone who can reach this machine can try to log in"
+              + ("" if auth else " (no password: you chose no_auth_i_understand)"))
     port = check_port(host, port) if port is not None else free_port(host)
     app = build_app(api_url, title=title, vision=vision)
     app.queue()
     server_name = f"[{host}]" if ":" in host else host  # gradio builds http://{server_name}:{port} itself
     _app, local_url, share_url = app.launch(server_name=server_name, server_port=port, share=share, inline=False,
-                                            prevent_thread_lock=True, quiet=True, show_error=True)
+                                            prevent_thread_lock=True, quiet=True, show_error=True, auth=auth)
     url = f"http://{url_host(host)}:{port}/"
-    handle = WebUI(app, url, share_url)
+    handle = WebUI(app, url, share_url, auth)
     _live["webui"] = handle
     if block:
         print(f"web UI on {url}" + (f" (public: {share_url})" if share_url else "") + "; Ctrl-C stops it")
@@ -306,15 +425,20 @@ def _ui_client(ui: Any):
         return ui
     from gradio_client import Client
 
-    return Client(str(getattr(ui, "url", ui)), verbose=False)
+    if isinstance(ui, WebUI):  # one session per handle, so ask and retry share the conversation
+        if ui._client is None:
+            ui._client = Client(ui.url, verbose=False, auth=ui.auth)
+        return ui._client
+    return Client(str(ui), verbose=False)
 
 
 def _gen_args(gen: dict) -> list:
     """max_new_tokens, top_p, top_k, temperature in the app's order (DEFAULTS for those not given)."""
     unknown = set(gen) - set(DEFAULTS)
     if unknown:
-        raise TypeError(f"unknown generation parameter(s) {', '.join(sorted(unknown))}: "
-                        f"the web UI has {', '.join(DEFAULTS)}")
+        hint = " (use max_new_tokens, lmdeploy's name for OpenAI's max_tokens)" if "max_tokens" in unknown else ""
+        raise UnknownParameterError(f"unknown generation parameter(s) {', '.join(sorted(unknown))}{hint}: "
+                                    f"the web UI has {', '.join(DEFAULTS)}")
     return [gen.get(k, v) for k, v in DEFAULTS.items()]
 
 
@@ -326,14 +450,16 @@ def pick_model(ui: Any) -> str | None:
     return picked.get("value") if isinstance(picked, dict) else picked
 
 
-def ask(ui: Any, message: str, model: str | None = None, history: list | None = None, files: list | tuple = (),
-        system: str = "", updates: list | None = None, **gen: Any) -> list:
-    """Send `message` (+ image `files`) through the app's /chat API, as its Send button does; the history after.
+def ask(ui: Any, message: str, model: str | None = None, files: list | tuple = (), system: str = "",
+        updates: list | None = None, **gen: Any) -> list:
+    """Send `message` (+ image `files`) through the app's /chat API, as its Send button does; the chat after.
 
-    `ui`: a gradio_client.Client, a WebUI or the app's URL. The model picker is filled first (pick_model);
-    model=None takes the model it selects. `gen`: max_new_tokens, top_p, top_k, temperature (else DEFAULTS).
-    A list given as `updates` collects every streamed (textbox, history) update. A refusal (gr.Error in the
-    app) raises gradio_client's error with the app's message."""
+    `ui`: a gradio_client.Client, a WebUI (its own client) or the app's URL (a new session each time). The
+    conversation lives in the app, one per client session: asking again with the same client continues it.
+    The model picker is filled first (pick_model); model=None takes the model it selects. `gen`:
+    max_new_tokens, top_p, top_k, temperature (else DEFAULTS). A list given as `updates` collects every
+    streamed (textbox, chat) update. A refusal (gr.Error in the app) raises gradio_client's error with the
+    app's message."""
     client = _ui_client(ui)
     if files:
         from gradio_client import handle_file
@@ -341,35 +467,44 @@ def ask(ui: Any, message: str, model: str | None = None, history: list | None = 
         message = {"text": message, "files": [handle_file(str(f)) for f in files]}
     picked = pick_model(client)
     model = picked if model is None else model
-    job = client.submit(message, list(history or []), model, system, *_gen_args(gen), api_name="/chat")
+    job = client.submit(message, model, system, *_gen_args(gen), api_name="/chat")
     if updates is not None:
         updates.extend(job)
     return job.result()[1]
 
 
-def retry(ui: Any, history: list, model: str | None = None, system: str = "", **gen: Any) -> list:
-    """Regenerate the last reply of `history` through the app's /retry API (its Retry button); the new history."""
+def retry(ui: Any, model: str | None = None, system: str = "", **gen: Any) -> list:
+    """Regenerate the last reply of this client's conversation through the app's /retry API (its Retry
+    button); the chat after. Use the same client (or WebUI) as for ask."""
+    if not (model is None or isinstance(model, str)):
+        raise InputError("retry(ui, model, ...) takes no history: the conversation lives in the app's session; "
+                         "call it with the client (or WebUI) you asked with")
     client = _ui_client(ui)
     picked = pick_model(client)
     model = picked if model is None else model
-    return client.predict(list(history), model, system, *_gen_args(gen), api_name="/retry")
+    return client.predict(model, system, *_gen_args(gen), api_name="/retry")
 
 
 def _cli(args) -> int:
     try:
-        launch(args.api, port=args.port, block=True, share=args.share, host=args.host, vision=args.vision)
-    except (ValueError, RuntimeError) as err:
+        launch(args.api, port=args.port, block=True, share=args.share, host=args.host, vision=args.vision,
+               auth=args.auth, no_auth_i_understand=args.no_auth_i_understand)
+    except LabkitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
 
 
 def add_cli(sub) -> None:
-    """`labkit webui --api URL [--port P] [--host H] [--share]`."""
+    """`labkit webui --api URL [--port P] [--host H] [--share] [--auth USER:PASS]`."""
     p = sub.add_parser("webui", help="a Gradio chat app over an OpenAI-compatible server (e.g. lmdeploy's)")
     p.add_argument("--api", required=True, help="the server, e.g. http://127.0.0.1:23333")
     p.add_argument("--port", type=int, default=None, help="port of the web UI (default: a free one)")
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines too")
-    p.add_argument("--share", action="store_true", help="also a public gradio.live link")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines too (needs --auth)")
+    p.add_argument("--share", action="store_true", help="also a public gradio.live link (needs --auth)")
+    p.add_argument("--auth", default=None, metavar="USER:PASS", help="log-in for the page (needed with --share "
+                   "or a non-loopback --host)")
+    p.add_argument("--no-auth-i-understand", action="store_true",
+                   help="serve --share / a non-loopback host without a password (anyone can use your GPU)")
     p.add_argument("--vision", action="store_true", help="add an image upload (for a vision-language model)")
     p.set_defaults(func=_cli)

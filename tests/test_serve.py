@@ -657,12 +657,9 @@ def test_webui_launches_without_blocking_and_answers_its_api(tiny_dir, standin, 
         picked = client.predict(api_name="/models")
         assert (picked["value"] if isinstance(picked, dict) else picked) == srv.model_name
         assert client.predict(api_name="/clear") == ([], "")
-        history = [{"role": "user", "content": [{"type": "text", "text": "first"}]},
-                   {"role": "assistant", "content": [{"type": "text", "text": "reply"}]}]  # gradio 6's format
-        chat, text = client.predict(history, api_name="/undo")
-        assert chat == [] and text == "first"
+        assert client.predict(api_name="/undo") == ([], "")  # nothing to undo yet
         with pytest.raises(Exception, match="pick a model first"):
-            client.predict("hi", [], None, "", 16, 0.8, 40, 0.7, api_name="/chat")
+            client.predict("hi", None, "", 16, 0.8, 40, 0.7, api_name="/chat")
         srv.stop()
         with pytest.raises(Exception, match="cannot reach"):
             client.predict(api_name="/models")
@@ -686,11 +683,17 @@ def test_webui_ask_and_retry_drive_the_app_and_a_rerun_replaces_it(tiny_dir, sta
         assert [m["role"] for m in history] == ["user", "assistant"]
         assert webui.message_content(history[-1]["content"]) == "Hello from the"
         assert len(updates) > 1, "the reply did not stream"
-        again = webui.retry(first.url, history, srv.model_name, max_new_tokens=2)
+        again = webui.retry(first, srv.model_name, max_new_tokens=2)  # the conversation lives in the app
         assert [m["role"] for m in again] == ["user", "assistant"]
         assert webui.message_content(again[-1]["content"]) == "Hello from"
-        with pytest.raises(TypeError, match="unknown generation parameter"):
+        with pytest.raises(Exception, match="nothing to retry yet"):  # another session has its own conversation
+            webui.retry(first.url, srv.model_name)
+        chat, text = webui._ui_client(first).predict(api_name="/undo")  # Undo gives the last question back
+        assert chat == [] and text == "hi"
+        with pytest.raises(TypeError, match="use max_new_tokens"):
             webui.ask(first, "hi", max_tokens=3)
+        with pytest.raises(ValueError, match="takes no history"):
+            webui.retry(first, history, srv.model_name)
         second = webui.launch(srv)  # the same cell again
         second.close()
     finally:
