@@ -7,7 +7,6 @@ re-running the cell that made it), and gives GPU memory back. Used by labs 01, 0
 """
 from __future__ import annotations
 
-import atexit
 import gc
 import logging
 import time
@@ -18,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 from labkit import config, kvcache
 from labkit.gpu import GiB, memory_used, require_gpu, wait_for_memory_release
 from labkit.errors import LabkitError
+from labkit.live import Live
 
 if TYPE_CHECKING:
     import pandas
 
 BACKENDS = ("auto", "turbomind", "pytorch")
-_live: dict[str, "Engine"] = {}
 
 
 class EngineError(LabkitError, RuntimeError):
@@ -158,8 +157,10 @@ def gen_config(max_new_tokens: int = 256, temperature: float = 0.8, top_p: float
                             ignore_eos=ignore_eos, do_sample=do_sample, **extra)
 
 
-class Engine:
+class Engine(Live):
     """An LMDeploy pipeline with a name, the backend it chose, and its GPU memory measured."""
+
+    kind = "engine"
 
     def __init__(self, model: str | Path, backend: str = "auto", name: str = "engine", cache_ratio: float = 0.8,
                  quant_policy: int = 0, session_len: int | None = None, tp: int = 1,
@@ -183,16 +184,21 @@ class Engine:
         from lmdeploy import pipeline
 
         logging.getLogger("lmdeploy").setLevel(log_level)
+        self.closed = True  # until the pipeline exists
         try:
             self.pipe = pipeline(str(self.model_dir), backend_config=self.config, log_level=log_level,
                                  **pipeline_kwargs)
-        except Exception as err:
-            gc.collect()
-            raise EngineError(_explain(err, self.model_dir, cache_ratio)) from err
+        except BaseException as err:  # Ctrl-C too: whatever was half built goes, so the cell can be re-run
+            _free_partial(self.memory_before)
+            if isinstance(err, KeyboardInterrupt):
+                print(f"\ninterrupted: engine {name!r} not started; its memory is given back")
+            if isinstance(err, Exception):
+                raise EngineError(_explain(err, self.model_dir, cache_ratio)) from err
+            raise
         self.start_seconds = time.perf_counter() - start
         self.memory_after = memory_used()
         self.closed = False
-        _live[name] = self
+        self._keep()
 
     @property
     def memory_gib(self) -> float:
@@ -215,9 +221,14 @@ class Engine:
         return self.pipe(prompts, gen_config=gen_config(**gen))
 
     def stream(self, prompt, **gen: Any) -> Iterator[Any]:
-        """Stream one prompt: yields lmdeploy Responses whose .text is the new piece."""
+        """Stream one prompt: yields lmdeploy Responses whose .text is the new piece. Stopping early (break,
+        Ctrl-C) closes lmdeploy's stream, which ends the request in the engine."""
         self._check_open()
-        yield from self.pipe.stream_infer(prompt, gen_config=gen_config(**gen))
+        inner = self.pipe.stream_infer(prompt, gen_config=gen_config(**gen))
+        try:
+            yield from inner
+        finally:
+            inner.close()
 
     def chat_turns(self, prompts: list, **gen: Any) -> "pandas.DataFrame":
         """A multi-turn chat in one `pipe.chat` session (prompts: text or (text, image)), one row per turn."""
@@ -247,7 +258,7 @@ class Engine:
         if getattr(self, "closed", True):
             return
         self.closed = True
-        _live.pop(self.name, None)
+        self._forget()
         try:
             self.pipe.close()
         finally:
@@ -279,20 +290,30 @@ def _init_cuda_context(device: str = "cuda") -> None:
     torch.empty(1, device=device)
 
 
+def _free_partial(memory_before: int) -> None:
+    """After a failed or interrupted pipeline(): collect what it left and wait (briefly) for its GPU memory."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+    wait_for_memory_release(memory_before, timeout=10)
+
+
+_live = Engine._live  # name -> running Engine (labkit.live.Live keeps it)
+
+
 def close_engine(name: str) -> bool:
     """Close the live engine called `name`, if any; True if one was closed."""
-    from labkit.live import replace_earlier
-
-    return replace_earlier(_live, name, "engine")
+    return Engine.replace(name)
 
 
 def close_all() -> None:
     """Close every engine this kernel started."""
-    for name in list(_live):
-        _live[name].close()
-
-
-atexit.register(close_all)
+    Engine.end_all()
 
 
 def _explain(err: Exception, model_dir: Path, ratio: float) -> str:

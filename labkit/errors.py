@@ -15,3 +15,7 @@ class InputError(LabkitError, ValueError):
 
 class OptionError(InputError):
     """An engine option lmdeploy would refuse (cache ratio, KV quant policy, session_len, tp, backend)."""
+
+
+class ServerError(LabkitError, RuntimeError):
+    """A server could not start or stopped unexpectedly; the message says why and what to do."""

@@ -108,14 +108,14 @@ def _decode(data: bytes, what: str) -> "Image":
 
 
 def _fetch(url: str, timeout: float) -> bytes:
-    import requests
+    import httpx  # proxy settings honoured: the picture is on the internet
 
     try:
-        resp = requests.get(url, timeout=timeout, headers={"User-Agent": "labkit"})
-    except requests.Timeout as err:
+        resp = httpx.get(url, timeout=timeout, headers={"User-Agent": "labkit"}, follow_redirects=True)
+    except httpx.TimeoutException as err:
         raise ImageError(f"{url} did not answer within {timeout:g} s: check the address and your network, "
                          f"or download the image and give its path") from err
-    except requests.RequestException as err:
+    except httpx.HTTPError as err:
         raise ImageError(f"could not fetch {url} ({type(err).__name__}): check the address and your network, "
                          f"or download the image and give its path") from err
     if resp.status_code != 200:

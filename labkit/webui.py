@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from labkit.errors import InputError, LabkitError
+from labkit.live import Live
 
 DEFAULTS = {"max_new_tokens": 256, "top_p": 0.8, "top_k": 40, "temperature": 0.7}
 
@@ -315,8 +316,11 @@ def build_app(api: Any, title: str = "LMDeploy Lab chat", vision: bool = False):
     return app
 
 
-class WebUI:
+class WebUI(Live):
     """A running web UI: its url, the Gradio app, and close()."""
+
+    kind = "web UI"
+    name = "webui"  # one web UI per kernel: launching again replaces it
 
     def __init__(self, app, url: str, share_url: str | None = None, auth: tuple[str, str] | None = None):
         self.app, self.url, self.share_url, self.auth = app, url, share_url, auth
@@ -324,8 +328,12 @@ class WebUI:
 
     def close(self) -> None:
         """Stop the web server."""
-        if _live.get("webui") is self:
-            _live.pop("webui")
+        self._forget()
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:
+                pass
         self.app.close()
         print(f"web UI at {self.url} closed")
 
@@ -344,7 +352,7 @@ class WebUI:
         return f"WebUI({self.url})"
 
 
-_live: dict[str, WebUI] = {}
+_live = WebUI._live  # "webui" -> the running app (labkit.live.Live keeps it)
 
 
 def check_auth(share: bool, host: str, auth: Any, no_auth_i_understand: bool = False) -> tuple[str, str] | None:
@@ -386,7 +394,6 @@ def launch(api_url: Any, port: int | None = None, block: bool = False, share: bo
 
     vision=None: an image upload appears when `api_url` is a labkit Server of a vision-language model.
     share=True or a host other machines reach needs auth="USER:PASS" (or no_auth_i_understand=True)."""
-    from labkit.live import replace_earlier
     from labkit.serve import check_port, free_port, url_host
 
     openai_base(api_url)  # a bad URL fails here, before anything starts
@@ -395,7 +402,7 @@ def launch(api_url: Any, port: int | None = None, block: bool = False, share: bo
         from labkit.vision import is_vision_model
 
         vision = hasattr(api_url, "model_dir") and is_vision_model(api_url.model_dir)
-    replace_earlier(_live, "webui", "web UI")  # re-running the cell replaces the app
+    WebUI.replace("webui")  # re-running the cell replaces the app
     if not is_loopback(host):
         print(f"WARNING: the web UI listens on {host}: anyone who can reach this machine can try to log in"
               + ("" if auth else " (no password: you chose no_auth_i_understand)"))
@@ -407,7 +414,7 @@ def launch(api_url: Any, port: int | None = None, block: bool = False, share: bo
                                             prevent_thread_lock=True, quiet=True, show_error=True, auth=auth)
     url = f"http://{url_host(host)}:{port}/"
     handle = WebUI(app, url, share_url, auth)
-    _live["webui"] = handle
+    handle._keep()
     if block:
         print(f"web UI on {url}" + (f" (public: {share_url})" if share_url else "") + "; Ctrl-C stops it")
         try:

@@ -184,7 +184,8 @@ def test_lmdeploy_rejecting_an_option_reports_its_log_tail(tiny_dir):
     name = _name("badarg")
     start = time.perf_counter()
     with pytest.raises(ServerError) as err:
-        serve.Server("generated:tiny-chat", name=name, cache_ratio=0.1, extra_args=["--no-such-option"], show=False)
+        serve.Server("generated:tiny-chat", name=name, cache_ratio=0.1, extra_args=["--no-such-option"], show=False,
+                     check_gpu=False)  # lmdeploy itself, even on a machine without a GPU
     took = time.perf_counter() - start
     msg = str(err.value)
     assert "exited while loading" in msg and "rejected a command-line option" in msg
@@ -193,7 +194,23 @@ def test_lmdeploy_rejecting_an_option_reports_its_log_tail(tiny_dir):
     assert not [e for e in serve.servers() if e["name"] == name], "the registry kept a dead server"
 
 
+def test_no_usable_gpu_is_refused_before_lmdeploy_starts(tiny_dir):
+    from labkit.gpu import has_cuda
+
+    if has_cuda():
+        pytest.skip("this machine has a GPU: lmdeploy loads here")
+    before, logs = _children(), set((serve.config.home() / "logs").glob("*"))
+    start = time.perf_counter()
+    with pytest.raises(ServerError) as err:
+        serve.Server("generated:tiny-chat", name=_name("nogpu"), cache_ratio=0.1, show=False)
+    took = time.perf_counter() - start
+    assert "not started" in str(err.value) and "needs a CUDA GPU" in str(err.value) and "\n" not in str(err.value)
+    assert took < 5, f"the refusal took {took:.1f} s"
+    assert _children() == before and set((serve.config.home() / "logs").glob("*")) == logs
+
+
 def test_lmdeploy_without_gpu_dies_while_loading_and_says_why(tiny_dir):
+    """check_gpu=False starts lmdeploy anyway: it dies while loading, and the cause is read from its log."""
     from labkit.gpu import has_cuda
 
     if has_cuda():
@@ -201,7 +218,7 @@ def test_lmdeploy_without_gpu_dies_while_loading_and_says_why(tiny_dir):
     before = _children()
     start = time.perf_counter()
     with pytest.raises(ServerError) as err:
-        serve.Server("generated:tiny-chat", name=_name("nogpu"), cache_ratio=0.1, show=False)
+        serve.Server("generated:tiny-chat", name=_name("nogpu"), cache_ratio=0.1, show=False, check_gpu=False)
     took = time.perf_counter() - start
     msg = str(err.value)
     print(f"reported after {took:.1f} s:\n{msg}")

@@ -327,7 +327,7 @@ def test_missing_folder_empty_image_and_wrong_type(tmp_path):
 
 def test_url_on_a_closed_port_fails_fast_and_clearly():
     port = free_port()
-    with pytest.raises(ImageError, match=rf"could not fetch http://127.0.0.1:{port}/x.png \(ConnectionError\)"):
+    with pytest.raises(ImageError, match=rf"could not fetch http://127.0.0.1:{port}/x.png \(ConnectError\)"):
         vision.load(f"http://127.0.0.1:{port}/x.png", timeout=2)
 
 
