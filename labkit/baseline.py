@@ -120,7 +120,13 @@ class HFEngine(Live):
 
     def _gen_kwargs(self, max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.8,
                     top_k: int = 40, repetition_penalty: float = 1.0, random_seed: int | None = None,
-                    ignore_eos: bool = False) -> dict[str, Any]:
+                    ignore_eos: bool = False, **unknown: Any) -> dict[str, Any]:
+        if unknown:
+            from labkit.engine import OPENAI_NAMES
+
+            hints = [f"{k}= is the OpenAI name: use {OPENAI_NAMES[k]}=" for k in unknown if k in OPENAI_NAMES]
+            raise EngineError("; ".join(hints) or f"unknown generation parameter(s) {', '.join(sorted(unknown))}: "
+                              f"use max_new_tokens, temperature, top_p, top_k, repetition_penalty, random_seed")
         check_gen(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         self._check_open()
         if random_seed is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from labkit import config, models
 from labkit.evidence import version
-from labkit.gpu import gpus
+from labkit.gpu import gpus, nvml_problem
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 HUB_TIMEOUT = 2.0
@@ -133,6 +133,16 @@ def _probe(url: str) -> tuple[bool, str]:
         return False, f"no answer ({type(err).__name__}: {str(err)[:60]})"
 
 
+def no_gpu_row(problem: str | None) -> Row:
+    """The doctor's gpu row when NVML lists no GPU: a broken driver (e.g. a version mismatch) said as such."""
+    if problem:
+        what, _, fix = problem.partition("; ")
+        return Row("gpu", FAIL, what, fix or "check `nvidia-smi`")
+    return Row("gpu", FAIL, "no NVIDIA GPU visible (NVML found no driver or device)",
+               "run the labs on a machine with an NVIDIA GPU (8 GB+); here only CPU cells run "
+               "and %%gpu cells are skipped")
+
+
 def verdict(report: Report) -> bool:
     """Print READY or NOT READY with the reasons and fixes; return report.ready."""
     if report.ready:
@@ -179,9 +189,7 @@ def doctor(check_hubs: bool = True) -> Report:
                         "the 1.8B course model needs ~6 GiB free; use a bigger slice or generated:tiny-chat"))
         rows.append(Row("driver", OK, f"{g.driver} (supports CUDA {g.cuda_driver})"))
     else:
-        rows.append(Row("gpu", FAIL, "no NVIDIA GPU visible (NVML found no driver or device)",
-                        "run the labs on a machine with an NVIDIA GPU (8 GB+); here only CPU cells run "
-                        "and %%gpu cells are skipped"))
+        rows.append(no_gpu_row(nvml_problem()))
 
     tv, tcuda = _torch_build()
     if tv is None:

@@ -100,11 +100,19 @@ CHAT_EXIT_WORD = "exit"
 
 
 def check_options(cache_ratio: float = 0.8, quant_policy: int = 0, session_len: int | None = None,
-                  tp: int = 1, backend: str | None = None) -> None:
+                  tp: int = 1, backend: str | None = None, model_dir: str | Path | None = None) -> None:
     """Check engine options before anything loads (engine_config and labkit.serve use it); with the
-    chosen `backend`, also what that backend needs."""
+    chosen `backend` (and the model), also what that backend needs."""
+    if backend is not None and backend not in BACKENDS and backend != "custom":
+        check_backend(backend)
     kvcache.check_ratio(cache_ratio, backend)
-    kvcache.check_policy(quant_policy)
+    head_dim = None
+    if model_dir is not None and quant_policy == kvcache.TURBO_QUANT:
+        try:
+            head_dim = kvcache.ModelShape.from_dir(model_dir).head_dim
+        except (OSError, KeyError, ValueError):
+            head_dim = None
+    kvcache.check_policy(quant_policy, backend, head_dim)
     if session_len is not None and (not isinstance(session_len, int) or session_len < 16):
         raise EngineError(f"session_len must be a whole number of tokens >= 16 (or None for the model's), "
                           f"not {session_len!r}")
@@ -116,6 +124,9 @@ def engine_config(backend: str, cache_ratio: float = 0.8, quant_policy: int = 0,
                   tp: int = 1, max_batch_size: int | None = None, eager: bool | None = None,
                   model_format: str | None = None):
     """An lmdeploy TurbomindEngineConfig / PytorchEngineConfig from checked, friendly options."""
+    if backend not in ("turbomind", "pytorch"):
+        raise EngineError(f"engine_config needs backend 'turbomind' or 'pytorch', not {backend!r} "
+                          f"('auto' is resolved first: labkit.engine.choose_backend)")
     check_options(cache_ratio, quant_policy, session_len, tp, backend)
     from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
 
@@ -138,14 +149,25 @@ def check_gen(max_new_tokens: int = 256, temperature: float = 0.8, top_p: float 
     """Check generation inputs (shared by gen_config and the transformers baseline); EngineError if bad."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise EngineError(f"max_new_tokens must be a whole number >= 1, not {max_new_tokens!r}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
-        raise EngineError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (0: off), repetition_penalty > 0")
+    rules = [("temperature", temperature, lambda v: v >= 0, ">= 0 (0: greedy)"),
+             ("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+             ("top_k", top_k, lambda v: v >= 0, ">= 0 (0: off)"),
+             ("repetition_penalty", repetition_penalty, lambda v: v > 0, "> 0 (1: off)")]
+    for name, value, ok, want in rules:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
+            raise EngineError(f"{name} must be {want}, not {value!r}")
+
+
+OPENAI_NAMES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "seed": "random_seed"}
 
 
 def gen_config(max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.8, top_k: int = 40,
                repetition_penalty: float = 1.0, random_seed: int | None = None, ignore_eos: bool = False,
                do_sample: bool | None = None, **extra: Any):
     """An lmdeploy GenerationConfig, with the inputs checked first (sampling on unless temperature is 0)."""
+    for openai_name, ours in OPENAI_NAMES.items():
+        if openai_name in extra:
+            raise EngineError(f"{openai_name}= is the OpenAI name: use {ours}= (lmdeploy's GenerationConfig)")
     check_gen(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
     from lmdeploy import GenerationConfig
 
@@ -175,6 +197,7 @@ class Engine(Live):
         weights = kvcache.weights_bytes(self.model_dir)
         require_gpu(min_free_gib=weights / GiB + 1.0, what=f"loading {self.model_dir.name}")
         self.backend, self.backend_reason = choose_backend(self.model_dir, backend)
+        check_options(cache_ratio, quant_policy, session_len, tp, self.backend, self.model_dir)
         self.config = engine_config(self.backend, cache_ratio, quant_policy, session_len, tp, max_batch_size,
                                     eager, model_format)
         pipeline_kwargs.setdefault("trust_remote_code", needs_remote_code(self.model_dir))

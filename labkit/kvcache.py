@@ -14,7 +14,11 @@ from labkit.errors import OptionError
 if TYPE_CHECKING:
     import pandas
 
-QUANT_POLICIES = {0: "fp16/bf16 KV", 4: "int4 KV", 8: "int8 KV"}
+QUANT_POLICIES = {0: "fp16/bf16 KV", 4: "int4 KV", 8: "int8 KV"}  # the course's three (tables, sweeps)
+# Every KV policy of lmdeploy 0.18 (lmdeploy.messages.QuantPolicy); which engine takes which: check_policy.
+KV_POLICIES = {**QUANT_POLICIES, 16: "fp8 e4m3 KV", 17: "fp8 e5m2 KV", 42: "TurboQuant KV (K 4-bit, V 2-bit)"}
+FP8_POLICIES = (16, 17)
+TURBO_QUANT = 42
 
 
 def text_config(model_dir: str | Path) -> dict:
@@ -47,11 +51,23 @@ class ModelShape:
                    vocab=cfg.get("vocab_size", 0))
 
 
-def check_policy(quant_policy: int) -> int:
-    """The policy itself, or a ValueError listing the valid ones."""
-    if quant_policy not in QUANT_POLICIES:
-        raise OptionError(f"quant_policy must be one of {sorted(QUANT_POLICIES)} "
-                         f"({', '.join(f'{k}: {v}' for k, v in QUANT_POLICIES.items())}), not {quant_policy!r}")
+def check_policy(quant_policy: int, backend: str | None = None, head_dim: int | None = None) -> int:
+    """The policy itself if lmdeploy 0.18 and the chosen engine take it, else an OptionError with the engine's
+    reason: TurboMind rejects FP8 (16/17) and TurboQuant (42, PyTorch engine only, power-of-two head_dim)."""
+    if isinstance(quant_policy, bool) or quant_policy not in KV_POLICIES:
+        raise OptionError(f"quant_policy must be one of {sorted(KV_POLICIES)} "
+                          f"({', '.join(f'{k}: {v}' for k, v in KV_POLICIES.items())}), not {quant_policy!r}")
+    quant_policy = int(quant_policy)
+    if backend == "turbomind" and quant_policy in FP8_POLICIES:
+        raise OptionError(f"quant_policy {quant_policy} ({KV_POLICIES[quant_policy]}) is refused by TurboMind "
+                          f"(lmdeploy: 'invalid quant_policy for TurboMind, FP8 quantization is not supported'): "
+                          f"use backend='pytorch', or 4 / 8 on TurboMind")
+    if backend == "turbomind" and quant_policy == TURBO_QUANT:
+        raise OptionError("quant_policy 42 (TurboQuant) runs on lmdeploy's PyTorch engine only: use "
+                          "backend='pytorch', or 4 / 8 on TurboMind")
+    if quant_policy == TURBO_QUANT and head_dim is not None and head_dim & (head_dim - 1):
+        raise OptionError(f"quant_policy 42 (TurboQuant) needs a power-of-two head_dim, and this model's is "
+                          f"{head_dim} (lmdeploy: 'TurboQuant requires power-of-2 K/Q head dim'): use 4 or 8")
     return quant_policy
 
 
@@ -174,12 +190,18 @@ def block_bytes(shape: ModelShape, quant_policy: int = 0, block_size: int = BLOC
     """Bytes of one KV-cache block over all layers, laid out as lmdeploy 0.18's PyTorch engine lays it out."""
     check_policy(quant_policy)
     block_size = effective_block_size(shape, block_size)
+    rows = block_size * shape.kv_heads
     if quant_policy == 0:
-        parts = [block_size * shape.kv_heads * shape.head_dim * shape.dtype_bytes] * 2
+        parts = [rows * shape.head_dim * shape.dtype_bytes] * 2
+    elif quant_policy in FP8_POLICIES:  # one byte per value, a per-tensor scale (no per-token tensors)
+        parts = [rows * shape.head_dim] * 2
+    elif quant_policy == TURBO_QUANT:  # K 4-bit (d/2 bytes) + scale, zero; V 2-bit (d/4 bytes) + scale
+        parts = [rows * (shape.head_dim // 2), rows * (shape.head_dim // 4),
+                 rows * 2 * shape.dtype_bytes, rows * 1 * shape.dtype_bytes]
     else:
         dim = shape.head_dim // 2 if quant_policy == 4 else shape.head_dim  # int4 packs 2 values per byte
-        parts = [block_size * shape.kv_heads * dim] * 2                      # K, V as uint8
-        parts += [block_size * shape.kv_heads * 2 * shape.dtype_bytes] * 2   # K, V scale + zero
+        parts = [rows * dim] * 2                                             # K, V as uint8
+        parts += [rows * 2 * shape.dtype_bytes] * 2                          # K, V scale + zero
     return shape.layers * sum(_aligned(p) for p in parts)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from labkit.serve import LOCAL_HOSTS
+from labkit.net import LOCAL_HOSTS
 from labkit.webui import list_models, openai_base
 from labkit.errors import LabkitError
 
@@ -153,8 +153,17 @@ def run(server: Any, concurrency: int = 8, requests: int | None = None, max_toke
         raise LoadTestError(f"time_limit must be in (0, {MAX_SECONDS:.0f}] seconds, not {time_limit!r}")
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise LoadTestError(f"max_tokens must be a whole number >= 1, not {max_tokens!r}")
+    if getattr(server, "stopped", False):
+        raise LoadTestError(f"server {getattr(server, 'name', '')!r} is stopped: start it again (labkit.serve.Server)")
     if model is None:
-        model = list_models(server)[0]
+        try:
+            names = list_models(server)
+        except Exception as err:  # nothing listens, or it is not an OpenAI server: one line, not a traceback
+            raise LoadTestError(f"no server answers at {url}/models ({type(err).__name__}): start it "
+                                f"(labkit.serve.Server) or fix the URL") from None
+        if not names:
+            raise LoadTestError(f"the server at {url} lists no model: pass model=...")
+        model = names[0]
     reqs, wall = _in_thread(_run, url, key, model, concurrency, requests, prompt, max_tokens, time_limit)
     ok = [r for r in reqs if r.ok]
     ttft = [r.first - r.start for r in ok]

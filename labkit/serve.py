@@ -90,7 +90,7 @@ class Server(Live):
         # 4. Backend, the engine options for it, and GPU memory (quick checks; the model loads in the child).
         self.backend, self.backend_reason = ("custom", "custom command") if command else \
             choose_backend(self.model_dir, backend)
-        check_options(cache_ratio, quant_policy, session_len, tp, backend=self.backend)
+        check_options(cache_ratio, quant_policy, session_len, tp, backend=self.backend, model_dir=self.model_dir)
         if command is None and check_gpu:  # lmdeploy needs a CUDA GPU: refuse here rather than stream its traceback
             from labkit.gpu import NoGPUError
             from labkit.kvcache import weights_bytes

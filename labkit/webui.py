@@ -103,7 +103,7 @@ def openai_base(api: Any) -> tuple[str, str]:
 
 def list_models(api: Any) -> list[str]:
     """The model names the server offers (/v1/models)."""
-    from labkit.serve import openai_client
+    from labkit.net import openai_client
 
     return [m.id for m in openai_client(*openai_base(api)).models.list().data]
 
@@ -194,7 +194,7 @@ def _text(content: Any) -> str:
 def stream_reply(api: Any, model: str, messages: list[dict], max_new_tokens: int = 256, top_p: float = 0.8,
                  top_k: int = 40, temperature: float = 0.7) -> Iterator[str]:
     """Stream a reply from the server: yields the text so far."""
-    from labkit.serve import openai_client, stream_text
+    from labkit.net import openai_client, stream_text
 
     stream = openai_client(*openai_base(api)).chat.completions.create(
         model=model, messages=messages, stream=True, max_tokens=int(max_new_tokens), top_p=float(top_p),
@@ -394,7 +394,7 @@ def launch(api_url: Any, port: int | None = None, block: bool = False, share: bo
 
     vision=None: an image upload appears when `api_url` is a labkit Server of a vision-language model.
     share=True or a host other machines reach needs auth="USER:PASS" (or no_auth_i_understand=True)."""
-    from labkit.serve import check_port, free_port, url_host
+    from labkit.net import check_port, free_port, url_host
 
     openai_base(api_url)  # a bad URL fails here, before anything starts
     auth = check_auth(share, host, auth, no_auth_i_understand)  # so does an open UI without a password
