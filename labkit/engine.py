@@ -43,6 +43,7 @@ def choose_backend(model_dir: str | Path, requested: str = "auto") -> tuple[str,
     from labkit.gpu import gpus
 
     check_backend(requested)
+    check_architecture(model_dir)
     found = gpus()
     tm_ok, why = _turbomind_state(bool(found), float(found[0].compute_capability) if found else 0.0)
     if tm_ok:
@@ -60,6 +61,30 @@ def choose_backend(model_dir: str | Path, requested: str = "auto") -> tuple[str,
     if requested == "turbomind":
         return "turbomind", "asked for"
     return ("turbomind", "auto: TurboMind can run") if tm_ok else ("pytorch", f"auto: {why}, so the PyTorch engine")
+
+
+def check_architecture(model_dir: str | Path) -> str:
+    """The model's architecture if an lmdeploy 0.18 engine runs it, else an EngineError saying so (before any load)."""
+    import json
+
+    try:
+        arch = (kvcache.text_config(model_dir).get("architectures") or [None])[0]
+    except (OSError, json.JSONDecodeError) as err:
+        raise EngineError(f"cannot read {Path(model_dir) / 'config.json'} ({type(err).__name__}): "
+                          f"is {model_dir} a model folder?") from None
+    if arch is None:
+        raise EngineError(f"{Path(model_dir).name}/config.json names no architecture: lmdeploy cannot pick a "
+                          f"model class for it; use a model from `labkit models list`")
+    from lmdeploy.pytorch.models.module_map import MODULE_MAP, REMOVED_MODEL_MAP
+    from lmdeploy.turbomind.supported_models import SUPPORTED_ARCHS
+
+    if arch in REMOVED_MODEL_MAP:
+        raise EngineError(f"lmdeploy 0.18 dropped {REMOVED_MODEL_MAP[arch]} ({arch}): use a model from "
+                          f"`labkit models list`, or an older lmdeploy")
+    if arch not in MODULE_MAP and arch not in SUPPORTED_ARCHS:
+        raise EngineError(f"lmdeploy 0.18 has no engine for {arch} ({Path(model_dir).name}): use a model from "
+                          f"`labkit models list` or generated:tiny-chat")
+    return arch
 
 
 def needs_remote_code(model_dir: str | Path) -> bool:

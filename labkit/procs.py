@@ -206,7 +206,7 @@ def watch(parent: int, grace: float, command: list[str]) -> int:
                 os.killpg(os.getpgrp(), signal.SIGKILL)  # ends this process too
     killed = f" (killed by {_signal_name(-rc)})" if rc < 0 else ""
     print(f"[labkit] the server process exited with code {rc}{killed}", flush=True)
-    # Whatever the server left in its group (engine workers) goes with it.
+    # Whatever the server left in its group (engine workers) goes with it, and so does its registry entry.
     me = os.getpid()
     others = [p for p in group_members(os.getpgrp()) if p != me]
     if others:
@@ -216,7 +216,18 @@ def watch(parent: int, grace: float, command: list[str]) -> int:
             time.sleep(0.05)
         if [p for p in group_members(os.getpgrp()) if p != me]:
             os.killpg(os.getpgrp(), signal.SIGKILL)
+    _drop_registry_entry(me)
     return rc
+
+
+def _drop_registry_entry(pid: int) -> None:
+    """Remove the registry entry of the server this watchdog ran (labkit.registry names it after our pid)."""
+    try:
+        from labkit import config
+
+        (config.home() / "servers" / f"{pid}.json").unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _signal_name(num: int) -> str:

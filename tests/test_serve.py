@@ -90,6 +90,7 @@ STANDIN = textwrap.dedent(r"""
             pass
     class Server(ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        request_queue_size = 256  # as uvicorn's backlog: many clients at once (the load test's 64)
     Server((host, port), H).serve_forever()
 """)
 
