@@ -461,6 +461,7 @@ def test_rerunning_every_start_cell(tiny_dir, standin):
 
 @pytest.mark.gpu
 def test_rerunning_the_engine_cell_does_not_double_gpu_memory():
+    engine._init_cuda_context()  # this process's CUDA context never goes back: not the engine's to return
     before = Snapshot()
     first = engine.Engine(TINY, name="fault-engine", cache_ratio=0.1)
     used = memory_used_or_none()
@@ -524,7 +525,7 @@ def test_gpu_too_full():
     free, _ = torch.cuda.mem_get_info()
     hog = torch.empty(max(0, free - 512 * 2**20), dtype=torch.uint8, device="cuda")  # leave 0.5 GiB
     try:
-        _refused("GPU too full", lambda: engine.Engine("generated:bench-1.5b", name="fault-full"),
+        _refused("GPU too full", lambda: engine.Engine(TINY, name="fault-full"),
                  LabkitError, 5.0, "needs about .* GiB free")
     finally:
         del hog
