@@ -16,79 +16,21 @@ and `..` resolved), and a UI that other machines can reach (--share, a non-loopb
 """
 from __future__ import annotations
 
-import base64
-import mimetypes
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
+
 from labkit.errors import InputError, LabkitError
 from labkit.live import Live
+from labkit.webui_files import (UploadError, _is_upload, _text, build_messages, check_history,  # noqa: F401
+                                check_upload, file_part, message_content, upload_dir, uploaded_file)
 
 DEFAULTS = {"max_new_tokens": 256, "top_p": 0.8, "top_k": 40, "temperature": 0.7}
 
 
-class UploadError(LabkitError, ValueError):
-    """A client named a file that was not uploaded through the page (the web UI reads no other file)."""
-
-
 class AuthError(InputError):
     """A web UI open to other machines (--share, a non-loopback host) without a password."""
-
-
-class UnknownParameterError(InputError, TypeError):
-    """A generation parameter the web UI does not have (max_tokens instead of max_new_tokens, ...)."""
-
-
-def upload_dir() -> Path:
-    """Gradio's upload folder (GRADIO_TEMP_DIR, else <tmp>/gradio), symlinks resolved: the only folder whose
-    files a client may name."""
-    from gradio.utils import get_upload_folder
-
-    return Path(get_upload_folder()).resolve()
-
-
-def uploaded_file(path: Any, uploads: Path) -> Path:
-    """`path` if it is a regular file inside `uploads` once symlinks and `..` are resolved, else UploadError."""
-    shown = str(path)[:120]
-    try:
-        real = Path(os.fspath(path)).resolve(strict=True)
-    except (OSError, RuntimeError, TypeError, ValueError):
-        raise UploadError(f"refused {shown!r}: no such uploaded file; attach pictures with the clip") from None
-    if not real.is_relative_to(uploads) or not real.is_file():
-        raise UploadError(f"refused {shown!r}: the web UI reads only files uploaded through the page "
-                          f"(into {uploads}); attach pictures with the clip") from None
-    return real
-
-
-def check_history(history: Any, uploads: Path) -> list:
-    """A client's chat history with every file it names checked by uploaded_file and every image part a data
-    URL (nothing the server would fetch or read); UploadError otherwise."""
-    if history is None:
-        return []
-    if not isinstance(history, list):
-        raise UploadError("the chat history must be a list of messages")
-    for m in history:
-        if isinstance(m, dict):
-            _check_content(m.get("content"), uploads)
-    return history
-
-
-def _check_content(content: Any, uploads: Path) -> None:
-    if _is_upload(content):
-        content = _upload_items(content)
-    for item in content if isinstance(content, (list, tuple)) else [content]:
-        if not isinstance(item, dict):
-            continue
-        if item.get("type") == "file" or "path" in item:
-            f = item.get("file", item)
-            uploaded_file(f.get("path") if isinstance(f, dict) else f, uploads)
-        elif item.get("type") in ("image_url", "input_image"):
-            url = item.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not (isinstance(url, str) and url.startswith("data:")):
-                raise UploadError("refused an image part that is not a data: URL; attach pictures with the clip")
 
 
 def openai_base(api: Any) -> tuple[str, str]:
@@ -106,87 +48,6 @@ def list_models(api: Any) -> list[str]:
     from labkit.net import openai_client
 
     return [m.id for m in openai_client(*openai_base(api)).models.list().data]
-
-
-# ----------------------------------------------------------------------------- messages
-
-def file_part(path: str | Path, mime: str | None = None) -> dict:
-    """An OpenAI image part (data URL) for a local image file."""
-    path = Path(path)
-    mime = mime or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    data = base64.b64encode(path.read_bytes()).decode()
-    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
-
-
-def message_content(content: Any, uploads: Path | None = None) -> str | list[dict]:
-    """OpenAI message content from a Gradio chat message's content: text stays a string; files become
-    image parts (a list of parts, for vision-language models). With `uploads` (the app does this), only
-    files inside that folder are read (check_history)."""
-    if isinstance(content, str):
-        return content
-    if uploads is not None:
-        _check_content(content, uploads)
-    if _is_upload(content):  # gr.MultimodalTextbox's value (lab 05): {"text": ..., "files": [...]}
-        content = _upload_items(content)
-    items = content if isinstance(content, (list, tuple)) else [content]
-    parts: list[dict] = []
-    for item in items:
-        if isinstance(item, str):
-            parts.append({"type": "text", "text": item})
-        elif isinstance(item, dict) and item.get("type", "text") == "text" and "text" in item:
-            parts.append({"type": "text", "text": item["text"]})
-        elif isinstance(item, dict) and (item.get("type") == "file" or "path" in item):
-            f = item.get("file", item)
-            parts.append(file_part(f["path"], f.get("mime_type")))
-        elif isinstance(item, dict) and item.get("type") in ("image_url", "input_image"):
-            parts.append(item)
-    if all(p["type"] == "text" for p in parts):
-        return "".join(p["text"] for p in parts)
-    return parts
-
-
-def _is_upload(value: Any) -> bool:
-    return isinstance(value, dict) and "files" in value and "type" not in value and "role" not in value
-
-
-def _upload_items(value: dict) -> list:
-    """A MultimodalTextbox value as chat content: the text, then each file as {"path": ...}."""
-    files = [f if isinstance(f, dict) else {"path": str(f)} for f in value.get("files") or []]
-    text = value.get("text") or ""
-    return ([text] if text.strip() else []) + files
-
-
-def check_upload(value: Any, uploads: Path | None = None) -> str | list:
-    """A user's upload (MultimodalTextbox value) as chat content, each image checked first (lab 05):
-    a missing, empty, corrupt or non-image file raises labkit.vision.ImageError with what to do; with
-    `uploads`, a file outside that folder raises UploadError before it is opened."""
-    if not _is_upload(value):
-        return value
-    from labkit import vision
-
-    items = _upload_items(value)
-    for item in items:
-        if isinstance(item, dict):
-            vision.load(item["path"] if uploads is None else uploaded_file(item["path"], uploads))
-    return items[0] if len(items) == 1 and isinstance(items[0], str) else items
-
-
-def build_messages(history: list[dict], message: Any = None, system: str | None = None,
-                   uploads: Path | None = None) -> list[dict]:
-    """OpenAI chat messages from a Gradio history (+ a new user message and an optional system prompt);
-    with `uploads`, files outside that folder are refused (UploadError)."""
-    out = [{"role": "system", "content": system}] if system and system.strip() else []
-    for m in history or []:
-        if m.get("role") in ("user", "assistant", "system"):
-            out.append({"role": m["role"], "content": message_content(m.get("content", ""), uploads)})
-    if message is not None:
-        out.append({"role": "user", "content": message_content(message, uploads)})
-    return out
-
-
-def _text(content: Any) -> str:
-    c = message_content(content)
-    return c if isinstance(c, str) else " ".join(p.get("text", "[image]") for p in c)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -424,74 +285,6 @@ def launch(api_url: Any, port: int | None = None, block: bool = False, share: bo
     return handle
 
 
-# ----------------------------------------------------------------------------- driving the app from code
-
-def _ui_client(ui: Any):
-    """A gradio_client.Client for a running app: a Client as it is, a WebUI handle, or the app's URL."""
-    if hasattr(ui, "predict") and hasattr(ui, "submit"):
-        return ui
-    from gradio_client import Client
-
-    if isinstance(ui, WebUI):  # one session per handle, so ask and retry share the conversation
-        if ui._client is None:
-            ui._client = Client(ui.url, verbose=False, auth=ui.auth)
-        return ui._client
-    return Client(str(ui), verbose=False)
-
-
-def _gen_args(gen: dict) -> list:
-    """max_new_tokens, top_p, top_k, temperature in the app's order (DEFAULTS for those not given)."""
-    unknown = set(gen) - set(DEFAULTS)
-    if unknown:
-        hint = " (use max_new_tokens, lmdeploy's name for OpenAI's max_tokens)" if "max_tokens" in unknown else ""
-        raise UnknownParameterError(f"unknown generation parameter(s) {', '.join(sorted(unknown))}{hint}: "
-                                    f"the web UI has {', '.join(DEFAULTS)}")
-    return [gen.get(k, v) for k, v in DEFAULTS.items()]
-
-
-def pick_model(ui: Any) -> str | None:
-    """Fill the app's model picker from /v1/models (as the page does when it opens); the model it selects.
-
-    Through its /models API. The picker accepts only models it lists, and each client session has its own."""
-    picked = _ui_client(ui).predict(api_name="/models")
-    return picked.get("value") if isinstance(picked, dict) else picked
-
-
-def ask(ui: Any, message: str, model: str | None = None, files: list | tuple = (), system: str = "",
-        updates: list | None = None, **gen: Any) -> list:
-    """Send `message` (+ image `files`) through the app's /chat API, as its Send button does; the chat after.
-
-    `ui`: a gradio_client.Client, a WebUI (its own client) or the app's URL (a new session each time). The
-    conversation lives in the app, one per client session: asking again with the same client continues it.
-    The model picker is filled first (pick_model); model=None takes the model it selects. `gen`:
-    max_new_tokens, top_p, top_k, temperature (else DEFAULTS). A list given as `updates` collects every
-    streamed (textbox, chat) update. A refusal (gr.Error in the app) raises gradio_client's error with the
-    app's message."""
-    client = _ui_client(ui)
-    if files:
-        from gradio_client import handle_file
-
-        message = {"text": message, "files": [handle_file(str(f)) for f in files]}
-    picked = pick_model(client)
-    model = picked if model is None else model
-    job = client.submit(message, model, system, *_gen_args(gen), api_name="/chat")
-    if updates is not None:
-        updates.extend(job)
-    return job.result()[1]
-
-
-def retry(ui: Any, model: str | None = None, system: str = "", **gen: Any) -> list:
-    """Regenerate the last reply of this client's conversation through the app's /retry API (its Retry
-    button); the chat after. Use the same client (or WebUI) as for ask."""
-    if not (model is None or isinstance(model, str)):
-        raise InputError("retry(ui, model, ...) takes no history: the conversation lives in the app's session; "
-                         "call it with the client (or WebUI) you asked with")
-    client = _ui_client(ui)
-    picked = pick_model(client)
-    model = picked if model is None else model
-    return client.predict(model, system, *_gen_args(gen), api_name="/retry")
-
-
 def _cli(args) -> int:
     try:
         launch(args.api, port=args.port, block=True, share=args.share, host=args.host, vision=args.vision,
@@ -515,3 +308,7 @@ def add_cli(sub) -> None:
                    help="serve --share / a non-loopback host without a password (anyone can use your GPU)")
     p.add_argument("--vision", action="store_true", help="add an image upload (for a vision-language model)")
     p.set_defaults(func=_cli)
+
+
+# Driving the app from code (labkit.webui_client), under the names notebooks 02 and 05 use.
+from labkit.webui_client import UnknownParameterError, _ui_client, ask, pick_model, retry  # noqa: E402,F401
