@@ -79,6 +79,7 @@ class Server(Live):
             check_parser(tool_call_parser)
         self.tool_call_parser = tool_call_parser
         self.model_name = model_name or _served_name(str(model), self.model_dir)
+        self._expect_model = self.model_name if command is None else None  # what /v1/models must list
         # 2. Re-running the cell that started it replaces it (and frees its port).
         stop_server(name)
         _stop_strays_named(name)
@@ -241,9 +242,12 @@ class Server(Live):
 
     def _ready(self) -> bool:
         """Serving: /v1/models lists this model AND this server's process group listens on the port (another
-        program that took the port, or another server answering there, does not count)."""
+        program that took the port, or another server answering there, does not count). A custom command
+        (e.g. `lmdeploy serve proxy`, whose list starts empty) needs /v1/models to answer with a list."""
         names = models_listed(self.base_url, self.api_key)
-        return names is not None and self.model_name in names and group_listens(self.pgid, self.port)
+        if names is None or (self._expect_model is not None and self._expect_model not in names):
+            return False
+        return group_listens(self.pgid, self.port)
 
     def _wait_ready(self, timeout: float) -> None:
         from tqdm.auto import tqdm
