@@ -271,8 +271,13 @@ def launch(api_url: Any, port: int | None = None, block: bool = False, share: bo
     app = build_app(api_url, title=title, vision=vision)
     app.queue()
     server_name = f"[{host}]" if ":" in host else host  # gradio builds http://{server_name}:{port} itself
-    _app, local_url, share_url = app.launch(server_name=server_name, server_port=port, share=share, inline=False,
-                                            prevent_thread_lock=True, quiet=True, show_error=True, auth=auth)
+    try:
+        _app, local_url, share_url = app.launch(server_name=server_name, server_port=port, share=share,
+                                                inline=False, prevent_thread_lock=True, quiet=True, show_error=True,
+                                                auth=auth)
+    except BaseException:  # a failed start (or Ctrl-C, e.g. while the share link is made) leaves no server up
+        app.close()
+        raise
     url = f"http://{url_host(host)}:{port}/"
     handle = WebUI(app, url, share_url, auth)
     handle._keep()
