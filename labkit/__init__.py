@@ -17,6 +17,7 @@ _SHORTCUTS = {
     "record": ("evidence", "record"),
     "resolve": ("models", "resolve"),
     "check": ("notebook", "check"),
+    "LabkitError": ("errors", "LabkitError"),
 }
 
 

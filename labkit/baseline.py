@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from labkit.engine import EngineError, check_gen, needs_remote_code
+from labkit.live import Live
 
-_live: dict[str, "HFEngine"] = {}
 
 
 @dataclass
@@ -31,8 +31,10 @@ class HFResponse:
     index: int = 0
 
 
-class HFEngine:
+class HFEngine(Live):
     """A transformers model and tokenizer on one device, generating like the course's baseline."""
+
+    kind = "baseline"
 
     def __init__(self, model: str | Path, device: str | None = None, name: str = "baseline"):
         from labkit.models import resolve
@@ -62,12 +64,18 @@ class HFEngine:
         remote = needs_remote_code(self.model_dir)
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a local load takes seconds: no progress bar in the notebook
+        self.closed = True  # until the model is loaded
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=remote)
             self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype,
                                                               trust_remote_code=remote).to(self.device).eval()
-        except Exception as err:
+        except BaseException as err:  # Ctrl-C too: the half-loaded model goes, so the cell can be re-run
+            self.__dict__.pop("model", None)
             gc.collect()
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            if not isinstance(err, Exception):
+                raise
             raise EngineError(f"transformers could not load {self.model_dir.name}: {type(err).__name__}: "
                               f"{' '.join(str(err).split())[:300]}. The generated model always loads: "
                               f"LABKIT_MODEL=generated:tiny-chat") from err
@@ -84,7 +92,7 @@ class HFEngine:
             self.pad_id = min(self.eos_ids) if self.eos_ids else 0
         self.backend = "transformers"
         self.closed = False
-        _live[name] = self
+        self._keep()
 
     @property
     def memory_gib(self) -> float:
@@ -112,7 +120,13 @@ class HFEngine:
 
     def _gen_kwargs(self, max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.8,
                     top_k: int = 40, repetition_penalty: float = 1.0, random_seed: int | None = None,
-                    ignore_eos: bool = False) -> dict[str, Any]:
+                    ignore_eos: bool = False, **unknown: Any) -> dict[str, Any]:
+        if unknown:
+            from labkit.engine import OPENAI_NAMES
+
+            hints = [f"{k}= is the OpenAI name: use {OPENAI_NAMES[k]}=" for k in unknown if k in OPENAI_NAMES]
+            raise EngineError("; ".join(hints) or f"unknown generation parameter(s) {', '.join(sorted(unknown))}: "
+                              f"use max_new_tokens, temperature, top_p, top_k, repetition_penalty, random_seed")
         check_gen(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         self._check_open()
         if random_seed is not None:
@@ -158,14 +172,20 @@ class HFEngine:
     def _stream(self, ids, kw: dict[str, Any], stop: threading.Event | None = None) -> Iterator[HFResponse]:
         streamer = _counting_streamer(self.tokenizer)
         result: dict[str, Any] = {}
+        stop = threading.Event()  # set when the caller stops early (break, Ctrl-C): generation ends at the next token
 
         def run():
             import torch
+            from transformers import StoppingCriteria, StoppingCriteriaList
+
+            class Stopped(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kwargs):
+                    return stop.is_set()
 
             try:
                 with torch.inference_mode():
-                    result["out"] = self.model.generate(ids, attention_mask=torch.ones_like(ids),
-                                                        streamer=streamer, **kw)
+                    result["out"] = self.model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                                                        stopping_criteria=StoppingCriteriaList([Stopped()]), **kw)
             except BaseException as err:  # shown in the caller's thread
                 result["error"] = err
                 streamer.end()
@@ -177,7 +197,9 @@ class HFEngine:
                 if piece:
                     yield HFResponse(piece, streamer.tokens, ids.shape[1])
         finally:
-            thread.join()
+            stop.set()
+            while thread.is_alive():  # short joins, so that Ctrl-C is not held up until generation ends
+                thread.join(0.05)
         if "error" in result:
             raise result["error"]
         final = self._finish(result["out"][0, ids.shape[1]:].tolist(), ids.shape[1])
@@ -189,7 +211,7 @@ class HFEngine:
         if getattr(self, "closed", True):
             return
         self.closed = True
-        _live.pop(self.name, None)
+        self._forget()
         del self.model
         gc.collect()
         if self.device.startswith("cuda"):
@@ -208,11 +230,12 @@ class HFEngine:
         return f"HFEngine({self.model_dir.name}, {state})"
 
 
+_live = HFEngine._live  # name -> loaded HFEngine (labkit.live.Live keeps it)
+
+
 def close_baseline(name: str) -> bool:
     """Close the live baseline called `name`, if any; True if one was closed."""
-    from labkit.live import replace_earlier
-
-    return replace_earlier(_live, name, "baseline")
+    return HFEngine.replace(name)
 
 
 def _memory(device: str) -> int:

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from labkit.engine import EngineError, check_gen
+from labkit.errors import LabkitError
 
 COLUMNS = ["engine", "batch", "output tok/s", "TTFT ms", "total s", "repeats", "prompt tokens", "new tokens"]
 
 
-class BenchError(RuntimeError):
+class BenchError(LabkitError, RuntimeError):
     """A benchmark could not run or its result would not be honest; the message says why."""
 
 

@@ -76,8 +76,14 @@ def run_script(main_fn) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `labkit` command."""
+    from labkit.errors import LabkitError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except LabkitError as err:  # a refusal: one line that says what to do, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

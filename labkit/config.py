@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from labkit.errors import InputError
 
 PROFILES = ("full", "test")
 
@@ -21,7 +22,7 @@ def profile() -> str:
     """The run profile: `full` for students, `test` for the test suites (small sweeps)."""
     value = os.environ.get("LABKIT_PROFILE", "full").strip().lower() or "full"
     if value not in PROFILES:
-        raise ValueError(f"LABKIT_PROFILE={value!r} is not one of {PROFILES}; unset it or pick one")
+        raise InputError(f"LABKIT_PROFILE={value!r} is not one of {PROFILES}; unset it or pick one")
     return value
 
 

@@ -6,6 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 _CAUSES = [
+    (("killed by sigkill",),
+     "killed by SIGKILL: out of host memory (the kernel's OOM killer; `dmesg | tail` says so)? killed by hand? "
+     "Free host memory or use a smaller model, then start it again"),
+    (("killed by sigterm", "killed by sigint", "killed by sighup"),
+     "stopped by a signal while loading (`labkit servers --stop`, kill, or the machine shutting down): "
+     "start it again"),
     (("out of memory", "outofmemoryerror", "no enough gpu memory", "not enough gpu memory", "cuda error: out of"),
      "out of GPU memory: lower cache_ratio (now {ratio}), use the AWQ model (lab 03) or a smaller one, or stop "
      "other servers and engines (`labkit servers --stop`)"),

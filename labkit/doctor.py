@@ -15,7 +15,7 @@ from pathlib import Path
 
 from labkit import config, models
 from labkit.evidence import version
-from labkit.gpu import gpus
+from labkit.gpu import gpus, nvml_problem
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 HUB_TIMEOUT = 2.0
@@ -123,20 +123,24 @@ def _turbomind_state(has_gpu: bool, cc: float) -> tuple[bool, str]:
 
 
 def _probe(url: str) -> tuple[bool, str]:
-    import urllib.request
+    import httpx  # proxy settings honoured: the hubs are on the internet
 
     start = time.perf_counter()
     try:
-        req = urllib.request.Request(url, method="HEAD")
-        with urllib.request.urlopen(req, timeout=HUB_TIMEOUT) as resp:
-            return True, f"HTTP {resp.status} in {time.perf_counter() - start:.1f} s"
+        resp = httpx.head(url, timeout=HUB_TIMEOUT, follow_redirects=True)
+        return True, f"HTTP {resp.status_code} in {time.perf_counter() - start:.1f} s"  # any answer: reachable
     except Exception as err:  # any failure means the same: not reachable from here
-        import urllib.error
+        return False, f"no answer ({type(err).__name__}: {str(err)[:60]})"
 
-        if isinstance(err, urllib.error.HTTPError):  # it answered
-            return True, f"HTTP {err.code} in {time.perf_counter() - start:.1f} s"
-        reason = getattr(err, "reason", err)
-        return False, f"no answer ({type(reason).__name__}: {str(reason)[:60]})"
+
+def no_gpu_row(problem: str | None) -> Row:
+    """The doctor's gpu row when NVML lists no GPU: a broken driver (e.g. a version mismatch) said as such."""
+    if problem:
+        what, _, fix = problem.partition("; ")
+        return Row("gpu", FAIL, what, fix or "check `nvidia-smi`")
+    return Row("gpu", FAIL, "no NVIDIA GPU visible (NVML found no driver or device)",
+               "run the labs on a machine with an NVIDIA GPU (8 GB+); here only CPU cells run "
+               "and %%gpu cells are skipped")
 
 
 def verdict(report: Report) -> bool:
@@ -185,9 +189,7 @@ def doctor(check_hubs: bool = True) -> Report:
                         "the 1.8B course model needs ~6 GiB free; use a bigger slice or generated:tiny-chat"))
         rows.append(Row("driver", OK, f"{g.driver} (supports CUDA {g.cuda_driver})"))
     else:
-        rows.append(Row("gpu", FAIL, "no NVIDIA GPU visible (NVML found no driver or device)",
-                        "run the labs on a machine with an NVIDIA GPU (8 GB+); here only CPU cells run "
-                        "and %%gpu cells are skipped"))
+        rows.append(no_gpu_row(nvml_problem()))
 
     tv, tcuda = _torch_build()
     if tv is None:

@@ -7,7 +7,6 @@ re-running the cell that made it), and gives GPU memory back. Used by labs 01, 0
 """
 from __future__ import annotations
 
-import atexit
 import gc
 import logging
 import threading
@@ -18,15 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 from labkit import config, kvcache
 from labkit.gpu import GiB, memory_used, require_gpu, wait_for_memory_release
+from labkit.errors import LabkitError
+from labkit.live import Live
 
 if TYPE_CHECKING:
     import pandas
 
 BACKENDS = ("auto", "turbomind", "pytorch")
-_live: dict[str, "Engine"] = {}
 
 
-class EngineError(RuntimeError):
+class EngineError(LabkitError, RuntimeError):
     """An engine could not be built or used; the message says what to do."""
 
 
@@ -79,6 +79,7 @@ def choose_backend(model_dir: str | Path, requested: str = "auto") -> tuple[str,
     from labkit.doctor import _turbomind_state
     from labkit.gpu import gpus
 
+    check_architecture(model_dir)
     requested, who = requested_backend(requested)
     if requested == "pytorch":
         return _noted(model_dir, "pytorch", who)
@@ -141,6 +142,30 @@ def _turbomind_vision_problem(model_dir: str | Path) -> str | None:
     return turbomind_vision_problem(model_dir)
 
 
+def check_architecture(model_dir: str | Path) -> str:
+    """The model's architecture if an lmdeploy 0.18 engine runs it, else an EngineError saying so (before any load)."""
+    import json
+
+    try:
+        arch = (kvcache.text_config(model_dir).get("architectures") or [None])[0]
+    except (OSError, json.JSONDecodeError) as err:
+        raise EngineError(f"cannot read {Path(model_dir) / 'config.json'} ({type(err).__name__}): "
+                          f"is {model_dir} a model folder?") from None
+    if arch is None:
+        raise EngineError(f"{Path(model_dir).name}/config.json names no architecture: lmdeploy cannot pick a "
+                          f"model class for it; use a model from `labkit models list`")
+    from lmdeploy.pytorch.models.module_map import MODULE_MAP, REMOVED_MODEL_MAP
+    from lmdeploy.turbomind.supported_models import SUPPORTED_ARCHS
+
+    if arch in REMOVED_MODEL_MAP:
+        raise EngineError(f"lmdeploy 0.18 dropped {REMOVED_MODEL_MAP[arch]} ({arch}): use a model from "
+                          f"`labkit models list`, or an older lmdeploy")
+    if arch not in MODULE_MAP and arch not in SUPPORTED_ARCHS:
+        raise EngineError(f"lmdeploy 0.18 has no engine for {arch} ({Path(model_dir).name}): use a model from "
+                          f"`labkit models list` or generated:tiny-chat")
+    return arch
+
+
 def needs_remote_code(model_dir: str | Path) -> bool:
     """True when a model ships its own Python code (config or tokenizer `auto_map`, e.g. InternLM2.5)."""
     import json
@@ -179,11 +204,19 @@ CHAT_EXIT_WORD = "exit"
 
 
 def check_options(cache_ratio: float = 0.8, quant_policy: int = 0, session_len: int | None = None,
-                  tp: int = 1, backend: str | None = None) -> None:
+                  tp: int = 1, backend: str | None = None, model_dir: str | Path | None = None) -> None:
     """Check engine options before anything loads (engine_config and labkit.serve use it); with the
-    chosen `backend`, also what that backend needs."""
+    chosen `backend` (and the model), also what that backend needs."""
+    if backend is not None and backend not in BACKENDS and backend != "custom":
+        check_backend(backend)
     kvcache.check_ratio(cache_ratio, backend)
-    kvcache.check_policy(quant_policy, backend)
+    head_dim = None
+    if model_dir is not None and quant_policy == kvcache.TURBO_QUANT:
+        try:
+            head_dim = kvcache.ModelShape.from_dir(model_dir).head_dim
+        except (OSError, KeyError, ValueError):
+            head_dim = None
+    kvcache.check_policy(quant_policy, backend, head_dim)
     if session_len is not None and (not isinstance(session_len, int) or session_len < 16):
         raise EngineError(f"session_len must be a whole number of tokens >= 16 (or None for the model's), "
                           f"not {session_len!r}")
@@ -195,6 +228,9 @@ def engine_config(backend: str, cache_ratio: float = 0.8, quant_policy: int = 0,
                   tp: int = 1, max_batch_size: int | None = None, eager: bool | None = None,
                   model_format: str | None = None):
     """An lmdeploy TurbomindEngineConfig / PytorchEngineConfig from checked, friendly options."""
+    if backend not in ("turbomind", "pytorch"):
+        raise EngineError(f"engine_config needs backend 'turbomind' or 'pytorch', not {backend!r} "
+                          f"('auto' is resolved first: labkit.engine.choose_backend)")
     check_options(cache_ratio, quant_policy, session_len, tp, backend)
     from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
 
@@ -217,14 +253,25 @@ def check_gen(max_new_tokens: int = 256, temperature: float = 0.8, top_p: float 
     """Check generation inputs (shared by gen_config and the transformers baseline); EngineError if bad."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise EngineError(f"max_new_tokens must be a whole number >= 1, not {max_new_tokens!r}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
-        raise EngineError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (0: off), repetition_penalty > 0")
+    rules = [("temperature", temperature, lambda v: v >= 0, ">= 0 (0: greedy)"),
+             ("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+             ("top_k", top_k, lambda v: v >= 0, ">= 0 (0: off)"),
+             ("repetition_penalty", repetition_penalty, lambda v: v > 0, "> 0 (1: off)")]
+    for name, value, ok, want in rules:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
+            raise EngineError(f"{name} must be {want}, not {value!r}")
+
+
+OPENAI_NAMES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "seed": "random_seed"}
 
 
 def gen_config(max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.8, top_k: int = 40,
                repetition_penalty: float = 1.0, random_seed: int | None = None, ignore_eos: bool = False,
                do_sample: bool | None = None, **extra: Any):
     """An lmdeploy GenerationConfig, with the inputs checked first (sampling on unless temperature is 0)."""
+    for openai_name, ours in OPENAI_NAMES.items():
+        if openai_name in extra:
+            raise EngineError(f"{openai_name}= is the OpenAI name: use {ours}= (lmdeploy's GenerationConfig)")
     check_gen(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
     from lmdeploy import GenerationConfig
 
@@ -236,8 +283,10 @@ def gen_config(max_new_tokens: int = 256, temperature: float = 0.8, top_p: float
                             ignore_eos=ignore_eos, do_sample=do_sample, **extra)
 
 
-class Engine:
+class Engine(Live):
     """An LMDeploy pipeline with a name, the backend it chose, and its GPU memory measured."""
+
+    kind = "engine"
 
     def __init__(self, model: str | Path, backend: str = "auto", name: str = "engine", cache_ratio: float = 0.8,
                  quant_policy: int = 0, session_len: int | None = None, tp: int = 1,
@@ -252,6 +301,7 @@ class Engine:
         weights = kvcache.weights_bytes(self.model_dir)
         require_gpu(min_free_gib=weights / GiB + 1.0, what=f"loading {self.model_dir.name}")
         self.backend, self.backend_reason = choose_backend(self.model_dir, backend)
+        check_options(cache_ratio, quant_policy, session_len, tp, self.backend, self.model_dir)
         self.config = engine_config(self.backend, cache_ratio, quant_policy, session_len, tp, max_batch_size,
                                     eager, model_format)
         pipeline_kwargs.setdefault("trust_remote_code", needs_remote_code(self.model_dir))
@@ -261,16 +311,21 @@ class Engine:
         from lmdeploy import pipeline
 
         logging.getLogger("lmdeploy").setLevel(log_level)
+        self.closed = True  # until the pipeline exists
         try:
             self.pipe = pipeline(str(self.model_dir), backend_config=self.config, log_level=log_level,
                                  **pipeline_kwargs)
-        except Exception as err:
-            gc.collect()
-            raise EngineError(_explain(err, self.model_dir, cache_ratio)) from err
+        except BaseException as err:  # Ctrl-C too: whatever was half built goes, so the cell can be re-run
+            _free_partial(self.memory_before)
+            if isinstance(err, KeyboardInterrupt):
+                print(f"\ninterrupted: engine {name!r} not started; its memory is given back")
+            if isinstance(err, Exception):
+                raise EngineError(_explain(err, self.model_dir, cache_ratio)) from err
+            raise
         self.start_seconds = time.perf_counter() - start
         self.memory_after = memory_used()
         self.closed = False
-        _live[name] = self
+        self._keep()
 
     @property
     def memory_gib(self) -> float:
@@ -360,7 +415,7 @@ class Engine:
         if getattr(self, "closed", True):
             return
         self.closed = True
-        _live.pop(self.name, None)
+        self._forget()
         try:
             self.pipe.close()
         finally:
@@ -392,20 +447,30 @@ def _init_cuda_context(device: str = "cuda") -> None:
     torch.empty(1, device=device)
 
 
+def _free_partial(memory_before: int) -> None:
+    """After a failed or interrupted pipeline(): collect what it left and wait (briefly) for its GPU memory."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+    wait_for_memory_release(memory_before, timeout=10)
+
+
+_live = Engine._live  # name -> running Engine (labkit.live.Live keeps it)
+
+
 def close_engine(name: str) -> bool:
     """Close the live engine called `name`, if any; True if one was closed."""
-    from labkit.live import replace_earlier
-
-    return replace_earlier(_live, name, "engine")
+    return Engine.replace(name)
 
 
 def close_all() -> None:
     """Close every engine this kernel started."""
-    for name in list(_live):
-        _live[name].close()
-
-
-atexit.register(close_all)
+    Engine.end_all()
 
 
 def _explain(err: Exception, model_dir: Path, ratio: float) -> str:

@@ -28,6 +28,7 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from labkit.errors import InputError
 
 MIME = "application/vnd.labkit.evidence+json"
 FORMAT = 2
@@ -36,7 +37,7 @@ SESSION = uuid.uuid4().hex  # one per kernel (process)
 _STUDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
-class EvidenceError(ValueError):
+class EvidenceError(InputError):
     """Evidence that cannot be read or written; the message says what to do."""
 
 
@@ -218,9 +219,9 @@ def make_entry(kind: str, step: str, values: dict, plain: str) -> dict:
 def record(step: str, **values: Any) -> None:
     """Record what `step` proved: shows a table and leaves a machine-readable copy in the notebook."""
     if not step or not isinstance(step, str):
-        raise ValueError("record(step, ...) needs a step name such as 'homework-story'")
+        raise InputError("record(step, ...) needs a step name such as 'homework-story'")
     if not values:
-        raise ValueError(f"record({step!r}) needs at least one value, e.g. record({step!r}, tokens=300)")
+        raise InputError(f"record({step!r}) needs at least one value, e.g. record({step!r}, tokens=300)")
     plain_values = _plain(values)
     env = _environment()
     rows = list(plain_values.items()) + list(env.items())

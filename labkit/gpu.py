@@ -9,12 +9,13 @@ import functools
 import threading
 import time
 from dataclasses import asdict, dataclass
+from labkit.errors import LabkitError
 
 GiB = 1024**3
 NO_GPU_HINT = "needs a CUDA GPU: found none; see 00_setup"
 
 
-class NoGPUError(RuntimeError):
+class NoGPUError(LabkitError, RuntimeError):
     """Raised where a step needs a CUDA GPU and there is none (or it is too small)."""
 
 
@@ -36,16 +37,43 @@ class GpuInfo:
         return asdict(self)
 
 
+_NVML_ERROR: dict[str, BaseException | None] = {"error": None}
+
+
 @functools.lru_cache(maxsize=1)
 def _nvml():
-    """The initialised pynvml module, or None when there is no NVIDIA driver."""
+    """The initialised pynvml module, or None when NVML cannot start (no driver, or a broken one)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         return pynvml
-    except Exception:
+    except Exception as err:
+        _NVML_ERROR["error"] = err
         return None
+
+
+MISMATCH = ("NVIDIA driver/library version mismatch (NVML: {err}): the driver was updated but the running "
+            "kernel module is the old one; reboot the machine (or reload the nvidia kernel module), then "
+            "check `nvidia-smi`")
+
+
+def explain_nvml_error(err: BaseException | None) -> str | None:
+    """What an NVML start-up error means for the lab, one line; None for 'no NVIDIA driver / library here'."""
+    if err is None:
+        return None
+    name, text = type(err).__name__, str(err)
+    if "Mismatch" in name or "mismatch" in text.lower() or getattr(err, "value", None) == 18:
+        return MISMATCH.format(err=text)
+    if "LibraryNotFound" in name or "DriverNotLoaded" in name or "not found" in text.lower():
+        return None  # simply no NVIDIA driver here
+    return f"NVML could not start ({name}: {text}): check `nvidia-smi`"
+
+
+def nvml_problem() -> str | None:
+    """Why NVML sees no GPU although a driver is installed (e.g. a driver/library version mismatch), or None."""
+    _nvml()
+    return explain_nvml_error(_NVML_ERROR["error"])
 
 
 def gpus() -> list[GpuInfo]:
@@ -124,6 +152,8 @@ def has_cuda() -> bool:
 def require_gpu(min_free_gib: float = 0.0, what: str = "this step") -> GpuInfo:
     """The first GPU, or a NoGPUError that says what is missing and what to do."""
     found = gpus()
+    if not found and nvml_problem():
+        raise NoGPUError(f"{what} needs a CUDA GPU, and NVML cannot start: {nvml_problem()}")
     if not found or not has_cuda():
         raise NoGPUError(f"{what} {NO_GPU_HINT}")
     gpu = found[0]

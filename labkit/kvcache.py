@@ -9,18 +9,23 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from labkit.errors import OptionError
 
 if TYPE_CHECKING:
     import pandas
 
-QUANT_POLICIES = {0: "fp16/bf16 KV", 4: "int4 KV", 8: "int8 KV", 16: "fp8 e4m3 KV", 17: "fp8 e5m2 KV",
-                  42: "TurboQuant KV"}
+# Every KV policy of lmdeploy 0.18 (lmdeploy.messages.QuantPolicy); which engine takes which: check_policy.
+KV_POLICIES = {0: "fp16/bf16 KV", 4: "int4 KV", 8: "int8 KV", 16: "fp8 e4m3 KV", 17: "fp8 e5m2 KV",
+               42: "TurboQuant KV (K 4-bit, V 2-bit)"}
+QUANT_POLICIES = KV_POLICIES
 COURSE_POLICIES = (0, 4, 8)   # what the course taught (lab 00's budget); 16, 17 and 42 are new in 0.18's list
+FP8_POLICIES = (16, 17)
+TURBO_QUANT = 42
 # TurboMind: its config refuses FP8 ("FP8 quantization is not supported"); 42 it accepts, but its kernels read
 # quant_policy as bit flags (src/turbomind/kernels/attention/decoding.cu: policy & 8 = int8, & 4 = int4) and have
 # no TurboQuant path (nor has the 0.18 wheel's _turbomind.so any TurboQuant symbol), so 42 (0b101010) would
 # quietly run as int8. labkit refuses both on TurboMind.
-TURBOMIND_REFUSES = (16, 17, 42)
+TURBOMIND_REFUSES = (*FP8_POLICIES, TURBO_QUANT)
 
 
 def text_config(model_dir: str | Path) -> dict:
@@ -53,25 +58,33 @@ class ModelShape:
                    vocab=cfg.get("vocab_size", 0))
 
 
-def check_policy(quant_policy: int, backend: str | None = None) -> int:
-    """The policy itself, or a ValueError listing the valid ones (for `backend`, when given)."""
-    if quant_policy not in QUANT_POLICIES:
-        raise ValueError(f"quant_policy must be one of {sorted(QUANT_POLICIES)} "
-                         f"({', '.join(f'{k}: {v}' for k, v in QUANT_POLICIES.items())}), not {quant_policy!r}")
-    if backend == "turbomind" and quant_policy in TURBOMIND_REFUSES:
-        why = "no FP8 KV cache" if quant_policy != 42 else "no TurboQuant kernels: 42 would run as int8"
-        raise ValueError(f"quant_policy {quant_policy} ({QUANT_POLICIES[quant_policy]}) runs on lmdeploy's PyTorch "
-                         f"engine only (TurboMind has {why}): use backend='pytorch', or 0/4/8 on TurboMind")
+def check_policy(quant_policy: int, backend: str | None = None, head_dim: int | None = None) -> int:
+    """The policy itself if lmdeploy 0.18 and the chosen engine take it, else an OptionError with the engine's
+    reason: TurboMind rejects FP8 (16/17) and TurboQuant (42, PyTorch engine only, power-of-two head_dim)."""
+    if isinstance(quant_policy, bool) or quant_policy not in KV_POLICIES:
+        raise OptionError(f"quant_policy must be one of {sorted(KV_POLICIES)} "
+                          f"({', '.join(f'{k}: {v}' for k, v in KV_POLICIES.items())}), not {quant_policy!r}")
+    quant_policy = int(quant_policy)
+    if backend == "turbomind" and quant_policy in FP8_POLICIES:
+        raise OptionError(f"quant_policy {quant_policy} ({KV_POLICIES[quant_policy]}) is refused by TurboMind "
+                          f"(lmdeploy: 'invalid quant_policy for TurboMind, FP8 quantization is not supported'); "
+                          f"it runs on lmdeploy's PyTorch engine only: use backend='pytorch', or 4 / 8 on TurboMind")
+    if backend == "turbomind" and quant_policy == TURBO_QUANT:
+        raise OptionError("quant_policy 42 (TurboQuant) runs on lmdeploy's PyTorch engine only (TurboMind has no "
+                          "TurboQuant kernels: 42 would run as int8): use backend='pytorch', or 4 / 8 on TurboMind")
+    if quant_policy == TURBO_QUANT and head_dim is not None and head_dim & (head_dim - 1):
+        raise OptionError(f"quant_policy 42 (TurboQuant) needs a power-of-two head_dim, and this model's is "
+                          f"{head_dim} (lmdeploy: 'TurboQuant requires power-of-2 K/Q head dim'): use 4 or 8")
     return quant_policy
 
 
 def check_ratio(ratio: float, backend: str | None = None) -> float:
     """The cache ratio itself, or a ValueError: it must lie in (0, 1], and below 1 for the PyTorch engine."""
     if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"cache_max_entry_count must be in (0, 1] (a share of the free GPU memory), "
+        raise OptionError(f"cache_max_entry_count must be in (0, 1] (a share of the free GPU memory), "
                          f"not {ratio!r}; the course uses 0.8, 0.4 and 0.01")
     if backend == "pytorch" and ratio >= 1:
-        raise ValueError(f"cache_max_entry_count must be below 1 for lmdeploy's PyTorch engine (it keeps some "
+        raise OptionError(f"cache_max_entry_count must be below 1 for lmdeploy's PyTorch engine (it keeps some "
                          f"memory for its own work), not {ratio!r}: use e.g. 0.9")
     return float(ratio)
 
@@ -96,7 +109,7 @@ def gain_vs_fp16(runs: "pandas.DataFrame") -> dict[int, float]:
     """Mean tokens per KV GiB of each int KV policy in a sweep's runs table, divided by that of policy 0."""
     mean = runs.groupby("quant_policy")["tokens per KV GiB"].mean()
     if 0 not in mean.index:
-        raise ValueError("the runs have no quant_policy 0 row to compare with")
+        raise OptionError("the runs have no quant_policy 0 row to compare with")
     return {int(p): float(v / mean[0]) for p, v in mean.items() if p != 0}
 
 
@@ -187,11 +200,11 @@ def block_bytes(shape: ModelShape, quant_policy: int = 0, block_size: int = BLOC
     rows = block_size * shape.kv_heads
     if quant_policy == 0:
         parts = [rows * shape.head_dim * shape.dtype_bytes] * 2
-    elif quant_policy in (16, 17):                          # fp8: one byte a value, one scale per tensor
+    elif quant_policy in FP8_POLICIES:  # one byte per value, a per-tensor scale (no per-token tensors)
         parts = [rows * shape.head_dim] * 2
-    elif quant_policy == 42:                                # TurboQuant: K 4-bit, V 2-bit (cache_engine/schema.py)
-        parts = [rows * (shape.head_dim // 2), rows * (shape.head_dim // 4)]
-        parts += [rows * 2 * shape.dtype_bytes, rows * 1 * shape.dtype_bytes]  # K scale + zero, V scale
+    elif quant_policy == TURBO_QUANT:  # K 4-bit (d/2 bytes) + scale, zero; V 2-bit (d/4 bytes) + scale
+        parts = [rows * (shape.head_dim // 2), rows * (shape.head_dim // 4),
+                 rows * 2 * shape.dtype_bytes, rows * 1 * shape.dtype_bytes]
     else:
         dim = shape.head_dim // 2 if quant_policy == 4 else shape.head_dim  # int4 packs 2 values per byte
         parts = [rows * dim] * 2                                             # K, V as uint8
@@ -237,14 +250,14 @@ def predict(model_dir: str | Path, ratio: float, quant_policy: int = 0, free_byt
         runtime = runtime_reserve(shape.vocab, prefill, batches)
         blocks = int((free_bytes - runtime) * ratio) // per_block
         if blocks <= 2:
-            raise ValueError(f"no room for a KV cache: {free_bytes / 1024**3:.2f} GiB free after the weights, "
+            raise OptionError(f"no room for a KV cache: {free_bytes / 1024**3:.2f} GiB free after the weights, "
                              f"ratio {ratio}, {per_block / 1024**2:.2f} MiB per block of {size} tokens. Raise the "
                              f"ratio, use a smaller or quantized model, or free GPU memory")
         if blocks >= MIN_BLOCKS:
             break
         prefill //= 2
         if prefill <= 0:
-            raise ValueError("not enough GPU memory for the engine's runtime buffers")
+            raise OptionError("not enough GPU memory for the engine's runtime buffers")
     return {"blocks": blocks, "tokens": blocks * size, "kv_bytes": blocks * per_block, "block_size": size,
             "block_bytes": per_block, "free_bytes": int(free_bytes), "runtime_bytes": runtime,
             "max_prefill_token_num": prefill, "max_batch_size": batches, "ratio": ratio,
@@ -264,7 +277,7 @@ def engine_capacity(engine) -> dict:
     backend = pipe.async_engine.engine
     cache = getattr(backend, "cache_config", None)
     if cache is None or not hasattr(cache, "num_gpu_blocks"):
-        raise ValueError(f"{type(backend).__name__} does not report its KV blocks to Python (TurboMind keeps "
+        raise OptionError(f"{type(backend).__name__} does not report its KV blocks to Python (TurboMind keeps "
                          f"them in C++): start the engine with backend='pytorch' to read them")
     policy, size, blocks = int(cache.quant_policy), int(cache.block_size), int(cache.num_gpu_blocks)
     per_block, source = _engine_block_bytes(backend), "engine"
@@ -350,7 +363,7 @@ def check_runs(runs) -> list[tuple[float, int]]:
     """(ratio, policy) pairs checked for the PyTorch engine, fp16 first; a ValueError before anything starts."""
     runs = [(check_ratio(r, "pytorch"), check_policy(p)) for r, p in runs]
     if not any(p == 0 for _, p in runs):
-        raise ValueError("runs need a quant_policy 0 run: its greedy outputs are the reference for agreement")
+        raise OptionError("runs need a quant_policy 0 run: its greedy outputs are the reference for agreement")
     first = next(i for i, (_, p) in enumerate(runs) if p == 0)
     return [runs[first]] + runs[:first] + runs[first + 1:]
 

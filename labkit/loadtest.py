@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from labkit.serve import LOCAL_HOSTS
+from labkit.net import LOCAL_HOSTS
 from labkit.webui import list_models, openai_base
+from labkit.errors import LabkitError
 
 MAX_REQUESTS = 2000
 MAX_CONCURRENCY = 512
@@ -27,7 +28,7 @@ MAX_SECONDS = 600.0
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-class LoadTestError(ValueError):
+class LoadTestError(LabkitError, ValueError):
     """The load test was asked for something it will not do (another host, too many requests...)."""
 
 
@@ -211,8 +212,17 @@ def run(server: Any, concurrency: int = 8, requests: int | None = None, max_toke
         raise LoadTestError(f"max_tokens must be a whole number >= 1, not {max_tokens!r}")
     if not isinstance(retries, int) or not 0 <= retries <= 10:
         raise LoadTestError(f"retries must be a whole number in 0..10, not {retries!r}")
+    if getattr(server, "stopped", False):
+        raise LoadTestError(f"server {getattr(server, 'name', '')!r} is stopped: start it again (labkit.serve.Server)")
     if model is None:
-        model = list_models(server)[0]
+        try:
+            names = list_models(server)
+        except Exception as err:  # nothing listens, or it is not an OpenAI server: one line, not a traceback
+            raise LoadTestError(f"no server answers at {url}/models ({type(err).__name__}): start it "
+                                f"(labkit.serve.Server) or fix the URL") from None
+        if not names:
+            raise LoadTestError(f"the server at {url} lists no model: pass model=...")
+        model = names[0]
     opts = _Opts(model, prompt, max_tokens, system, retries, require_finish)
     reqs, wall = _in_thread(_run, url, key, opts, concurrency, requests, time_limit)
     ok = [r for r in reqs if r.ok]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labkit import config
+from labkit.errors import LabkitError
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
 HF_ENDPOINT = "https://huggingface.co"  # Hugging Face's own hub; the HF_ENDPOINT variable picks a mirror
@@ -71,7 +72,7 @@ def catalogue():
                           "notes": m.notes} for m in CATALOGUE.values()])
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(LabkitError, FileNotFoundError):
     """No usable model folder; the message lists every place tried and how to fix it."""
 
 

@@ -9,9 +9,10 @@ import ast
 
 from labkit import config, evidence
 from labkit.gpu import NO_GPU_HINT, gpus, has_cuda
+from labkit.errors import LabkitError
 
 
-class LabCheckFailed(AssertionError):
+class LabCheckFailed(LabkitError, AssertionError):
     """A lab's closing check failed; the message says what was expected and what to try."""
 
 

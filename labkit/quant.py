@@ -32,6 +32,7 @@ from labkit import config
 from labkit.engine import needs_remote_code
 from labkit.gpu import GiB
 from labkit.kvcache import text_config, weight_files
+from labkit.errors import LabkitError
 
 HUB_SETS = ("wikitext2", "c4", "pileval", "gsm8k", "neuralmagic_calibration", "open-platypus", "openwebtext")
 STATS_FILES = ("inputs_stats.pth", "outputs_stats.pth")  # calibration intermediates auto_awq leaves behind
@@ -49,7 +50,7 @@ def lab_settings() -> dict:
             "calib_seqlen": config.param("CALIB_SEQLEN", full=256, test=128)}
 
 
-class QuantError(ValueError):
+class QuantError(LabkitError, ValueError):
     """Bad input for quantization; the message says what to change."""
 
 
@@ -305,12 +306,13 @@ def awq(model: str | Path, work_dir: str | Path | None = None, w_bits: int = 4, 
                          f"(it supports {', '.join(sorted(LAYER_TYPE_MAP))})")
     dtype = "float16" if device == "cpu" or not torch.cuda.is_bf16_supported() else "auto"
     (base if not work_dir else out.parent).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-awq-", dir=base if not work_dir else out.parent))
     used: dict = {}
     start = time.perf_counter()
     layers = shape["layers"]
-    bar = tqdm(total=3 * layers + 1, desc="AWQ load + calibrate", unit="step")
-    try:
+    tmp, bar = None, None
+    try:  # from the moment the half-written folder exists, Ctrl-C (or any error) removes it
+        tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-awq-", dir=base if not work_dir else out.parent))
+        bar = tqdm(total=3 * layers + 1, desc="AWQ load + calibrate", unit="step")
         with open(tmp / LOG, "w") as log, _calibration_loader(source, local, tokenizer, calib_samples,
                                                               calib_seqlen, used), \
                 contextlib.redirect_stdout(_Progress(bar, layers, log)):
@@ -336,10 +338,12 @@ def awq(model: str | Path, work_dir: str | Path | None = None, w_bits: int = 4, 
             shutil.rmtree(out)
         os.rename(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if device == "cuda":
             import gc
 

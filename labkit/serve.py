@@ -3,314 +3,48 @@
     with labkit.serve.Server("generated:tiny-chat", cache_ratio=0.1) as srv:
         print(srv.client().models.list())
 
-Before anything loads: the model is resolved, the engine options are checked and the port is checked
-(a busy port fails in milliseconds). While it loads, the server's log streams into the notebook; if it
-dies, `ServerError` carries the log tail and the likely cause. The server runs in its own process
-group under a tiny watchdog (`python -m labkit.serve watch ...`) that takes the group down when the
-kernel dies, however it dies; `stop()`, a `with` block, interpreter exit (atexit), SIGTERM, Ctrl-C
-while loading and a second Server with the same name stop it too. Every server is registered under
-LABKIT_HOME/servers, so `labkit servers` lists them and `labkit servers --stop` stops strays.
+Before anything loads: the model is resolved, the engine options are checked, a usable GPU is required and
+the port is checked (a busy port fails in milliseconds). While it loads, the server's log streams into the
+notebook; if it dies, `ServerError` carries the log tail and the likely cause. It is ready when its own
+process group listens on the port and /v1/models lists its model (not when anything answers there). The
+server runs in its own process group under a tiny watchdog (labkit.procs) that takes the group down when the
+kernel dies, however it dies; `stop()`, a `with` block, interpreter exit (atexit), SIGTERM, Ctrl-C while
+loading and a second Server with the same name stop it too. Every server is registered (labkit.registry), so
+`labkit servers` lists them and `labkit servers --stop` stops strays.
+
+The other seams live in their own modules and are re-exported here: ports, URLs and clients (labkit.net),
+process groups and the watchdog (labkit.procs), the registry and `labkit servers` (labkit.registry).
 """
 from __future__ import annotations
 
-import atexit
-import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 from labkit import config
 from labkit.diagnose import diagnose  # noqa: F401  (labkit.serve.diagnose is public)
-from labkit.gpu import GiB, gpus, memory_used_or_none, process_memory, require_gpu
-
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-STOP_GRACE_S = 8.0          # SIGTERM, then SIGKILL after this long (lmdeploy needs ~3 s)
-WATCH_INTERVAL_S = 0.5      # how often the watchdog looks at its parent
-_live: dict[str, "Server"] = {}
-
-
-class ServerError(RuntimeError):
-    """A server could not start or stopped unexpectedly; the message says why and what to do."""
-
-
-# ----------------------------------------------------------------------------- ports and processes
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on `host` that nothing listens on right now."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from labkit.errors import ServerError
+from labkit.gpu import GiB, memory_used_or_none, process_memory, require_gpu
+from labkit.live import Live
+from labkit.net import (LOCAL_HOSTS, check_port, curl, curl_command, free_port, models_listed,  # noqa: F401
+                        openai_client, stream_text, url_host)
+from labkit.procs import (STOP_GRACE_S, WATCH_INTERVAL_S, _signal_group, group_listens, group_members,  # noqa: F401
+                          identity, signal_group, stop_group, watch)
+from labkit.registry import (_cli_servers, add_cli, entry_for, lmdeploy_processes, registry_dir,  # noqa: F401
+                             servers, servers_table, stop_registered, write_entry)
+from labkit.registry import state as _state  # noqa: F401
 
 
-def _family(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def url_host(host: str) -> str:
-    """The host part of a URL that reaches a server listening on `host`: the loopback address for "every
-    interface" ("0.0.0.0" or "" -> 127.0.0.1, "::" -> ::1), IPv6 addresses in brackets ([::1])."""
-    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def openai_client(base_url: str, api_key: str = "none", timeout: float = 120.0, **kwargs: Any):
-    """An openai.OpenAI client for a server on this machine (…/v1 URL; proxy settings ignored). A request
-    without an answer for `timeout` s fails once (no retries), saying what to do."""
-    import httpx
-    import openai
-
-    class Explained(httpx.HTTPTransport):
-        def handle_request(self, request):
-            try:
-                return super().handle_request(request)
-            except httpx.TimeoutException as err:
-                raise type(err)(f"the server at {base_url} gave no answer within {timeout:g} s: it may be stuck or "
-                                f"overloaded; check server.alive and server.log_tail(), stop it (server.stop(), or "
-                                f"`labkit servers --stop`), or pass timeout=... to the client", request=request) from err
-
-    kwargs.setdefault("max_retries", 0)
-    return openai.OpenAI(base_url=base_url, api_key=api_key, **kwargs,
-                         http_client=httpx.Client(trust_env=False, timeout=timeout, transport=Explained()))
-
-
-def check_port(host: str, port: int) -> int:
-    """The port itself if a server could listen on host:port now, else a ServerError saying who holds it."""
-    if not isinstance(port, int) or not 0 < port < 65536:
-        raise ServerError(f"port must be a whole number in 1..65535, not {port!r} (or None for a free one)")
-    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is not "busy"
-        try:
-            s.bind((host, port))
-        except OSError as err:
-            holder = next((e for e in servers() if e.get("port") == port and e["state"] != "gone"), None)
-            who = (f"labkit's server {holder['name']!r} (pid {holder['pid']}) holds it: stop it, or run "
-                   f"`labkit servers --stop`" if holder else "another program holds it (`ss -ltnp` shows which)")
-            raise ServerError(f"port {port} on {host} is busy ({err.strerror}): {who}; "
-                              f"or leave port=None to get a free one") from None
-    return port
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
-    """(state, ppid, pgid, start ticks) of a process from /proc, or None if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group `pgid`."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            st = _proc_stat(int(entry))
-            if st is not None and st[2] == pgid and st[0] not in ("Z", "X"):
-                out.append(int(entry))
-    return out
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def stop_group(pgid: int, grace: float = STOP_GRACE_S, proc: subprocess.Popen | None = None) -> float:
-    """SIGTERM to process group `pgid`, SIGKILL after `grace` s; wait until it is empty; return seconds."""
-    start = time.monotonic()
-    strays = _descendants_outside(pgid)
-    _signal_group(pgid, signal.SIGTERM)
-    killed = False
-    while True:
-        if proc is not None:
-            proc.poll()  # reap our own child so it does not linger as a zombie
-        if not group_members(pgid):
-            break
-        elapsed = time.monotonic() - start
-        if not killed and elapsed > grace:
-            _signal_group(pgid, signal.SIGKILL)
-            killed = True
-        if elapsed > grace + 10:
-            raise ServerError(f"process group {pgid} survived SIGKILL: processes {group_members(pgid)}; "
-                              f"check them with `ps -o pid,stat,cmd -g {pgid}`")
-        time.sleep(0.05)
-    for p in strays:  # children that left the group (setsid): they go too
-        try:
-            p.kill()
-        except Exception:
-            pass
-    if proc is not None:
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-    return time.monotonic() - start
-
-
-def _descendants_outside(pgid: int) -> list:
-    """Descendants of the group's processes that moved to another process group (psutil, if present)."""
-    try:
-        import psutil
-    except ImportError:
-        return []
-    out = []
-    for pid in group_members(pgid):
-        try:
-            out += [c for c in psutil.Process(pid).children(recursive=True) if os.getpgid(c.pid) != pgid]
-        except (psutil.Error, OSError):
-            pass
-    return out
-
-
-# ----------------------------------------------------------------------------- the watchdog
-
-def _set_parent_death_signal(sig: int) -> None:
-    """prctl(PR_SET_PDEATHSIG): the kernel sends `sig` to this process when its parent dies (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def watch(parent: int, grace: float, command: list[str]) -> int:
-    """The watchdog: run `command` in this process group; take the group down when `parent` dies.
-
-    It runs as the group leader (the Server starts it with start_new_session=True). It polls its
-    parent pid rather than relying on PR_SET_PDEATHSIG alone, because that signal follows the parent
-    *thread* (a server started from a worker thread would die with the thread). The api_server
-    itself gets PR_SET_PDEATHSIG=SIGTERM from this single-threaded watchdog, so it also goes if the
-    watchdog is killed.
-    """
-    stopping: dict[str, Any] = {"why": None}
-
-    def on_signal(signum, _frame):
-        stopping["why"] = stopping["why"] or f"signal {signal.Signals(signum).name}"
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    child = subprocess.Popen(command, preexec_fn=lambda: _set_parent_death_signal(signal.SIGTERM))
-    print(f"[labkit] watchdog {os.getpid()} runs pid {child.pid}; it stops the group when pid {parent} exits",
-          flush=True)
-    deadline = None
-    while True:
-        try:
-            rc = child.wait(timeout=WATCH_INTERVAL_S)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-        if stopping["why"] is None and os.getppid() != parent:
-            stopping["why"] = f"its parent (pid {parent}) exited"
-        if stopping["why"] is not None:
-            if deadline is None:
-                print(f"[labkit] stopping the server: {stopping['why']}", flush=True)
-                deadline = time.monotonic() + grace
-                os.killpg(os.getpgrp(), signal.SIGTERM)  # this process only notes it (handler above)
-            elif time.monotonic() > deadline:
-                print("[labkit] the server ignored SIGTERM: SIGKILL to its process group", flush=True)
-                os.killpg(os.getpgrp(), signal.SIGKILL)  # ends this process too
-    print(f"[labkit] the server process exited with code {rc}", flush=True)
-    # Whatever the server left in its group (engine workers) goes with it.
-    me = os.getpid()
-    others = [p for p in group_members(os.getpgrp()) if p != me]
-    if others:
-        os.killpg(os.getpgrp(), signal.SIGTERM)
-        end = time.monotonic() + min(grace, 5.0)
-        while [p for p in group_members(os.getpgrp()) if p != me] and time.monotonic() < end:
-            time.sleep(0.05)
-        if [p for p in group_members(os.getpgrp()) if p != me]:
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-    return rc
-
-
-# ----------------------------------------------------------------------------- the registry
-
-def registry_dir() -> Path:
-    """Where labkit notes the servers it started (one JSON file per server)."""
-    path = config.home() / "servers"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _state(entry: dict) -> str:
-    """'running' (its notebook lives), 'stray' (notebook gone, server alive) or 'gone'."""
-    if not group_members(entry["pgid"]):
-        return "gone"
-    owner = _proc_stat(entry["owner_pid"])
-    return "running" if owner is not None and owner[3] == entry.get("owner_start") else "stray"
-
-
-def servers(clean: bool = True) -> list[dict]:
-    """Every server labkit started that the registry knows, with its state; drops entries of gone ones."""
-    out = []
-    for path in sorted(registry_dir().glob("*.json")):
-        try:
-            entry = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        entry["state"] = _state(entry)
-        entry["file"] = str(path)
-        if entry["state"] == "gone" and clean:
-            path.unlink(missing_ok=True)
-            continue
-        out.append(entry)
-    return out
-
-
-def servers_table(clean: bool = True):
-    """The registry as a pandas table (name, state, pid, url, model, uptime, log)."""
-    import pandas as pd
-
-    rows = [{"name": e["name"], "state": e["state"], "pid": e["pid"], "url": e["url"], "model": e["model"],
-             "owner pid": e["owner_pid"], "up s": round(time.time() - e["started"]), "log": e["log"]}
-            for e in servers(clean)]
-    return pd.DataFrame(rows, columns=["name", "state", "pid", "url", "model", "owner pid", "up s", "log"])
-
-
-def stop_registered(entry: dict, grace: float = STOP_GRACE_S) -> float:
-    """Stop a registered server (the whole process group) and drop its registry entry; return seconds."""
-    took = stop_group(entry["pgid"], grace) if (entry.get("state") or _state(entry)) != "gone" else 0.0
-    Path(entry.get("file") or registry_dir() / f"{entry['pid']}.json").unlink(missing_ok=True)
-    return took
-
-
-def lmdeploy_processes() -> list[dict]:
-    """Live processes of lmdeploy (its command line runs lmdeploy) or of a server labkit registered."""
-    import psutil
-
-    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    groups = {e["pgid"] for e in servers(clean=False)}
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline", "status"]):
-        cmd = p.info["cmdline"] or []
-        runs_lmdeploy = any(a == "lmdeploy" or a.endswith("/lmdeploy") or a.startswith("lmdeploy.") for a in cmd)
-        try:
-            in_group = os.getpgid(p.pid) in groups
-        except OSError:
-            in_group = False
-        if p.pid not in mine and p.info["status"] != psutil.STATUS_ZOMBIE and (runs_lmdeploy or in_group):
-            found.append({"pid": p.pid, "cmdline": " ".join(cmd)[:160]})
-    return found
-
-
-# ----------------------------------------------------------------------------- the server
-
-class Server:
+class Server(Live):
     """An `lmdeploy serve api_server` child process with a name, a port, a log, and a guaranteed stop."""
+
+    kind = "server"
 
     def __init__(self, model: str | Path, name: str = "server", port: int | None = None,
                  host: str = "127.0.0.1", backend: str = "auto", api_keys: str | list[str] | None = None,
@@ -318,7 +52,7 @@ class Server:
                  tool_call_parser: str | None = None, extra_args: tuple[str, ...] | list[str] = (),
                  startup_timeout: float = 300.0, model_name: str | None = None, tp: int = 1,
                  eager: bool | None = None, log_level: str = "INFO", show: bool = True,
-                 command: list[str] | None = None, stop_grace: float = STOP_GRACE_S,
+                 command: list[str] | None = None, stop_grace: float = STOP_GRACE_S, check_gpu: bool = True,
                  env: dict[str, str] | None = None):
         from labkit.engine import check_backend, check_options, choose_backend, default_eager
         from labkit.models import resolve
@@ -348,6 +82,7 @@ class Server:
             check_parser(tool_call_parser)
         self.tool_call_parser = tool_call_parser
         self.model_name = model_name or _served_name(str(model), self.model_dir)
+        self._expect_model = self.model_name if command is None else None  # what /v1/models must list
         # 2. Re-running the cell that started it replaces it (and frees its port).
         stop_server(name)
         _stop_strays_named(name)
@@ -359,12 +94,16 @@ class Server:
         # 4. Backend, the engine options for it, and GPU memory (quick checks; the model loads in the child).
         self.backend, self.backend_reason = ("custom", "custom command") if command else \
             choose_backend(self.model_dir, backend)
-        check_options(cache_ratio, quant_policy, session_len, tp, backend=self.backend)
-        if command is None and gpus():
+        check_options(cache_ratio, quant_policy, session_len, tp, backend=self.backend, model_dir=self.model_dir)
+        if command is None and check_gpu:  # lmdeploy needs a CUDA GPU: refuse here rather than stream its traceback
+            from labkit.gpu import NoGPUError
             from labkit.kvcache import weights_bytes
 
-            require_gpu(min_free_gib=weights_bytes(self.model_dir) / GiB + 1.0,
-                        what=f"serving {self.model_dir.name}")
+            try:
+                require_gpu(min_free_gib=weights_bytes(self.model_dir) / GiB + 1.0,
+                            what=f"serving {self.model_dir.name}")
+            except NoGPUError as err:
+                raise ServerError(f"server {name!r} not started: {err}") from None
         if eager is None:
             eager = default_eager()
         if command is None:
@@ -391,25 +130,27 @@ class Server:
         env = dict(os.environ, PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         env.update(env_extra)
-        with open(self.log_path, "wb") as log:
-            log.write(f"[labkit] {self.command}\n".encode())
-            log.flush()
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "labkit.serve", "watch", str(os.getpid()), str(stop_grace), "--", *run],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-        self.stopped = False
-        self.pgid = self._proc.pid
-        # 6. Wait for /v1/models, streaming the log; anything going wrong stops it.
+        # 6. Wait until it serves, streaming the log; anything going wrong (Ctrl-C too, at any point) stops it.
         try:
+            with open(self.log_path, "wb") as log:
+                log.write(f"[labkit] {self.command}\n".encode())
+                log.flush()
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "labkit.procs", "watch", str(os.getpid()), str(stop_grace), "--", *run],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+                self.pgid = self._proc.pid
+                self.stopped = False
             self._register()
-            _live[name] = self
+            self._keep()
             self._wait_ready(startup_timeout)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted: stopping server {name!r}")
-            self.stop()
-            raise
-        except BaseException:
-            self.stop(quiet=True)
+            self._register(ready=True)
+        except BaseException as err:
+            if isinstance(err, KeyboardInterrupt):
+                print(f"\ninterrupted: stopping server {name!r}")
+            if self._proc is not None:
+                self.stopped = False
+                self.pgid = self._proc.pid
+                self.stop(quiet=not isinstance(err, KeyboardInterrupt))
             raise
         self.start_seconds = time.time() - self.started
         self.memory_after = memory_used_or_none()
@@ -444,11 +185,9 @@ class Server:
         """pid of the server process itself (the watchdog's child), None once it is gone."""
         if self._proc is None:
             return None
-        for p in group_members(self.pgid):
-            st = _proc_stat(p)
-            if st is not None and st[1] == self._proc.pid:
-                return p
-        return None
+        from labkit.procs import children_of
+
+        return next(iter(children_of(self._proc.pid)), None)
 
     @property
     def alive(self) -> bool:
@@ -494,25 +233,25 @@ class Server:
         return openai_client(self.openai_url, self.api_key, **kwargs)
 
     # ------------------------------------------------------------------ lifecycle
-    def _register(self) -> None:
-        me = _proc_stat(os.getpid())
-        st = _proc_stat(self._proc.pid)
-        entry = {"name": self.name, "pid": self._proc.pid, "pgid": self.pgid, "pid_start": st[3] if st else None,
-                 "owner_pid": os.getpid(), "owner_start": me[3] if me else None, "host": self.host, "port": self.port,
-                 "url": self.base_url, "model": self.model_name, "model_dir": str(self.model_dir),
-                 "log": str(self.log_path), "started": self.started, "command": self.command}
-        self._registry_file = registry_dir() / f"{self._proc.pid}.json"
-        self._registry_file.write_text(json.dumps(entry, indent=1))
+    def _register(self, ready: bool = False) -> None:
+        """Note the server in the registry: the watchdog's and the owner's identity now; the server's once ready."""
+        facts = {"name": self.name, "host": self.host, "port": self.port, "url": self.base_url,
+                 "model": self.model_name, "model_dir": str(self.model_dir), "log": str(self.log_path),
+                 "started": self.started, "command": self.command}
+        entry = entry_for(self._proc.pid, **facts)
+        server = identity(self.pid) if ready and self.pid else None
+        if server is not None:
+            entry.update(server_pid=server["pid"], server_start=server["start"], server_cmdline=server["cmdline"])
+        self._registry_file = write_entry(entry)
 
     def _ready(self) -> bool:
-        req = urllib.request.Request(self.base_url + "/v1/models",
-                                     headers={"Authorization": f"Bearer {self.api_key}"})
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(req, timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        """Serving: /v1/models lists this model AND this server's process group listens on the port (another
+        program that took the port, or another server answering there, does not count). A custom command
+        (e.g. `lmdeploy serve proxy`, whose list starts empty) needs /v1/models to answer with a list."""
+        names = models_listed(self.base_url, self.api_key)
+        if names is None or (self._expect_model is not None and self._expect_model not in names):
             return False
+        return group_listens(self.pgid, self.port)
 
     def _wait_ready(self, timeout: float) -> None:
         from tqdm.auto import tqdm
@@ -551,7 +290,11 @@ class Server:
 
     def _died(self) -> ServerError:
         tail = self.log_tail(20)
-        cause = diagnose(self.log_tail(80), port=self.port, model_dir=self.model_dir, ratio=self.cache_ratio)
+        text = self.log_tail(80)
+        rc = self._proc.returncode if self._proc is not None else None
+        if rc is not None and rc < 0:  # the watchdog itself was killed: its log line could not be written
+            text += f"\n[labkit] its watchdog exited with code {rc} (killed by {signal.Signals(-rc).name})"
+        cause = diagnose(text, port=self.port, model_dir=self.model_dir, ratio=self.cache_ratio)
         return ServerError(f"server {self.name!r} exited while loading (after {time.time() - self.started:.1f} s). "
                            f"Likely cause: {cause}\nLast lines of {self.log_path}:\n{tail}")
 
@@ -560,21 +303,23 @@ class Server:
         if self.stopped:
             return
         self.stopped = True
-        if _live.get(self.name) is self:
-            _live.pop(self.name)
+        self._forget()
         took = stop_group(self.pgid, self.stop_grace, self._proc)
         getattr(self, "_registry_file", Path("/nonexistent")).unlink(missing_ok=True)
-        if wait_memory and self.memory_before is not None:
+        if wait_memory and getattr(self, "memory_before", None) is not None:
             from labkit.gpu import wait_for_memory_release
 
             wait_for_memory_release(self.memory_before, timeout=20)
         if not quiet:
             print(f"stopped server {self.name!r} (port {self.port}) in {took:.1f} s")
 
+    def _end(self, at_exit: bool = False) -> None:
+        self.stop(quiet=at_exit, wait_memory=not at_exit)
+
     def _signal_stop(self) -> None:
         """From a signal handler: SIGTERM the group now; the watchdog finishes the job."""
         if not self.stopped:
-            _signal_group(self.pgid, signal.SIGTERM)
+            signal_group(self.pgid, signal.SIGTERM)
 
     def __enter__(self) -> "Server":
         return self
@@ -612,43 +357,6 @@ def api_server_args(model_dir: str | Path, *, host: str, port: int, backend: str
     return argv + list(extra_args)
 
 
-def stream_text(stream) -> Iterator[str]:
-    """The text pieces of an OpenAI chat stream (for labkit.show.stream_to_notebook)."""
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            yield chunk.choices[0].delta.content
-
-
-def curl_command(url: str, body: dict | None = None, api_key: str | None = None) -> list[str]:
-    """A curl command (as a list) that GETs `url`, or POSTs `body` as JSON to it."""
-    cmd = ["curl", "-sS", "--max-time", "120", url]
-    if api_key and api_key != "none":
-        cmd += ["-H", f"Authorization: Bearer {api_key}"]
-    if body is not None:
-        cmd += ["-H", "Content-Type: application/json", "-d", json.dumps(body, ensure_ascii=False)]
-    return cmd
-
-
-def curl(url: str, body: dict | None = None, api_key: str | None = None, timeout: float = 120.0) -> Any:
-    """Print the curl command for a request, run it, and return the JSON reply (urllib if curl is missing)."""
-    import shutil
-
-    cmd = curl_command(url, body, api_key)
-    print("$", shlex.join(cmd))
-    if shutil.which("curl"):
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if done.returncode != 0:
-            raise ServerError(f"curl failed (exit {done.returncode}): {done.stderr.strip()[:300]}")
-        return json.loads(done.stdout)
-    print("(curl is not installed here: the same request is sent with Python's urllib)")
-    headers = {"Content-Type": "application/json"} if body is not None else {}
-    if api_key and api_key != "none":
-        headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers=headers)
-    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
 def _served_name(model: str, model_dir: Path) -> str:
     """What clients call the model: the catalogue / generated / hub name, else the folder's name."""
     if model.startswith("generated:"):
@@ -660,11 +368,12 @@ def _served_name(model: str, model_dir: Path) -> str:
     return tail if tail and not tail.startswith(".") else model_dir.name
 
 
+_live = Server._live  # name -> running Server (labkit.live.Live keeps it)
+
+
 def stop_server(name: str) -> bool:
     """Stop the live server called `name` that this kernel started, if any; True if one was stopped."""
-    from labkit.live import replace_earlier
-
-    return replace_earlier(_live, name, "server")
+    return Server.replace(name)
 
 
 def _stop_strays_named(name: str) -> None:
@@ -676,11 +385,7 @@ def _stop_strays_named(name: str) -> None:
 
 def stop_all() -> None:
     """Stop every server this kernel started."""
-    for name in list(_live):
-        try:
-            _live[name].stop(quiet=True, wait_memory=False)
-        except Exception as err:  # at exit: keep going
-            print(f"could not stop server {name!r}: {err}", file=sys.stderr)
+    Server.end_all()
 
 
 # ----------------------------------------------------------------------------- exit and signals
@@ -699,11 +404,10 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def _install_handlers() -> None:
-    """atexit + a SIGTERM handler that chains to the one before it (main thread only)."""
+    """A SIGTERM handler that chains to the one before it (main thread only); atexit is labkit.live's."""
     if _handlers["installed"]:
         return
     _handlers["installed"] = True
-    atexit.register(stop_all)
     if threading.current_thread() is threading.main_thread():
         _handlers["previous"] = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -735,52 +439,11 @@ def _tail_lines(path: Path, n: int) -> list[str]:
     return [ln + "\n" for ln in data.split("\n") if ln.strip()][-n:]
 
 
-
-
-# ----------------------------------------------------------------------------- command line
-
-def _cli_servers(args) -> int:
-    entries = servers()
-    if not entries:
-        print("no servers started by labkit are running")
-        return 0
-    table = servers_table(clean=False)
-    print(table.to_string(index=False))
-    if not args.stop:
-        strays = sum(e["state"] == "stray" for e in entries)
-        if strays:
-            print(f"\n{strays} stray server(s) (their notebook is gone): `labkit servers --stop` stops them")
-        return 0
-    if args.name:  # the servers named, whatever their state
-        chosen = [e for e in entries if e["name"] in args.name]
-        for missing in sorted(set(args.name) - {e["name"] for e in entries}):
-            print(f"no server called {missing!r}")
-    else:  # strays only, unless --all
-        chosen = [e for e in entries if args.all or e["state"] == "stray"]
-    for e in chosen:
-        took = stop_registered(e, grace=args.grace)
-        print(f"stopped {e['name']!r} (pid {e['pid']}, port {e['port']}) in {took:.1f} s")
-    kept = [e for e in entries if e not in chosen and e["state"] == "running"]
-    if kept and not args.name:
-        print(f"kept {len(kept)} server(s) whose notebook still runs: add --all to stop them too")
-    return 0
-
-
-def add_cli(sub) -> None:
-    """`labkit servers [--stop [--all] [NAME ...]]`."""
-    p = sub.add_parser("servers", help="list the api_servers labkit started; --stop stops strays")
-    p.add_argument("name", nargs="*", help="only these servers (by name)")
-    p.add_argument("--stop", action="store_true", help="stop stray servers (their notebook is gone)")
-    p.add_argument("--all", action="store_true", help="with --stop: also servers whose notebook still runs")
-    p.add_argument("--grace", type=float, default=STOP_GRACE_S, help="seconds between SIGTERM and SIGKILL")
-    p.set_defaults(func=_cli_servers)
-
-
 def _main(argv: list[str]) -> int:
-    if len(argv) >= 4 and argv[0] == "watch" and argv[3] == "--":
-        return watch(int(argv[1]), float(argv[2]), argv[4:])
-    print("usage: python -m labkit.serve watch PARENT_PID GRACE_S -- COMMAND...", file=sys.stderr)
-    return 2
+    """`python -m labkit.serve watch ...`: the watchdog (labkit.procs.main), under its old address."""
+    from labkit.procs import main
+
+    return main(argv)
 
 
 if __name__ == "__main__":

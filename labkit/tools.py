@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from labkit.errors import InputError
 
 
 def _schema(name: str, description: str) -> dict:
@@ -55,7 +56,7 @@ _PARSER_BY_ARCH = {"InternLM2ForCausalLM": "internlm", "InternLM3ForCausalLM": "
 def check_parser(name: str) -> str:
     """The parser name itself, or a ValueError listing lmdeploy's."""
     if name not in PARSERS:
-        raise ValueError(f"unknown tool-call parser {name!r}: lmdeploy 0.18 has {', '.join(PARSERS)} "
+        raise InputError(f"unknown tool-call parser {name!r}: lmdeploy 0.18 has {', '.join(PARSERS)} "
                          f"(InternLM2.5: 'internlm'; Qwen2.5 / generated:tiny-chat: 'qwen'), or 'auto'")
     return name
 
@@ -195,7 +196,7 @@ def run_tool_loop(client, model: str, question: str, tools: list[dict] = TOOLS, 
     "tool", until the model answers in text or `max_rounds` pass. `rounds[i]` overrides request fields
     (tools, tool_choice, ...) in round i (see forced_rounds). Bad tool calls become transcript lines."""
     if not isinstance(max_rounds, int) or max_rounds < 1:
-        raise ValueError(f"max_rounds must be a whole number >= 1, not {max_rounds!r}")
+        raise InputError(f"max_rounds must be a whole number >= 1, not {max_rounds!r}")
     run = ToolRun(question)
     msgs: list[dict] = ([{"role": "system", "content": system}] if system else []) + \
         [{"role": "user", "content": question}]

@@ -8,19 +8,29 @@ of one): a MultimodalTextbox whose images `check_upload` checks with labkit.visi
 
 `ask` and `retry` drive a running app from code through gradio_client, the way a browser does:
 
-    history = labkit.webui.ask(ui, "Describe this picture.", files=["chart.png"], max_new_tokens=64)
+    chat = labkit.webui.ask(ui, "Describe this picture.", files=["chart.png"], max_new_tokens=64)
+
+Nothing a client sends makes the app read a file it names: the conversation stays on the server (gr.State,
+one per session; no API takes a history), uploads are accepted only from Gradio's upload folder (symlinks
+and `..` resolved), and a UI that other machines can reach (--share, a non-loopback host) needs a password.
 """
 from __future__ import annotations
 
-import base64
-import mimetypes
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
+from labkit.errors import InputError, LabkitError
+from labkit.live import Live
+from labkit.webui_files import (UploadError, _is_upload, _text, build_messages, check_history,  # noqa: F401
+                                check_upload, file_part, message_content, upload_dir, uploaded_file)
+
 DEFAULTS = {"max_new_tokens": 256, "top_p": 0.8, "top_k": 40, "temperature": 0.7}
+
+
+class AuthError(InputError):
+    """A web UI open to other machines (--share, a non-loopback host) without a password."""
 
 
 def openai_base(api: Any) -> tuple[str, str]:
@@ -29,90 +39,15 @@ def openai_base(api: Any) -> tuple[str, str]:
         return api.openai_url, getattr(api, "api_key", "none")
     url = str(api).rstrip("/")
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"api must be a URL like http://127.0.0.1:23333 (or a labkit Server), not {api!r}")
+        raise InputError(f"api must be a URL like http://127.0.0.1:23333 (or a labkit Server), not {api!r}")
     return (url if url.endswith("/v1") else url + "/v1"), os.environ.get("OPENAI_API_KEY", "none")
 
 
 def list_models(api: Any) -> list[str]:
     """The model names the server offers (/v1/models)."""
-    from labkit.serve import openai_client
+    from labkit.net import openai_client
 
     return [m.id for m in openai_client(*openai_base(api)).models.list().data]
-
-
-# ----------------------------------------------------------------------------- messages
-
-def file_part(path: str | Path, mime: str | None = None) -> dict:
-    """An OpenAI image part (data URL) for a local image file."""
-    path = Path(path)
-    mime = mime or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    data = base64.b64encode(path.read_bytes()).decode()
-    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
-
-
-def message_content(content: Any) -> str | list[dict]:
-    """OpenAI message content from a Gradio chat message's content: text stays a string; files become
-    image parts (a list of parts, for vision-language models)."""
-    if isinstance(content, str):
-        return content
-    if _is_upload(content):  # gr.MultimodalTextbox's value (lab 05): {"text": ..., "files": [...]}
-        content = _upload_items(content)
-    items = content if isinstance(content, (list, tuple)) else [content]
-    parts: list[dict] = []
-    for item in items:
-        if isinstance(item, str):
-            parts.append({"type": "text", "text": item})
-        elif isinstance(item, dict) and item.get("type", "text") == "text" and "text" in item:
-            parts.append({"type": "text", "text": item["text"]})
-        elif isinstance(item, dict) and (item.get("type") == "file" or "path" in item):
-            f = item.get("file", item)
-            parts.append(file_part(f["path"], f.get("mime_type")))
-        elif isinstance(item, dict) and item.get("type") in ("image_url", "input_image"):
-            parts.append(item)
-    if all(p["type"] == "text" for p in parts):
-        return "".join(p["text"] for p in parts)
-    return parts
-
-
-def _is_upload(value: Any) -> bool:
-    return isinstance(value, dict) and "files" in value and "type" not in value and "role" not in value
-
-
-def _upload_items(value: dict) -> list:
-    """A MultimodalTextbox value as chat content: the text, then each file as {"path": ...}."""
-    files = [f if isinstance(f, dict) else {"path": str(f)} for f in value.get("files") or []]
-    text = value.get("text") or ""
-    return ([text] if text.strip() else []) + files
-
-
-def check_upload(value: Any) -> str | list:
-    """A user's upload (MultimodalTextbox value) as chat content, each image checked first (lab 05):
-    a missing, empty, corrupt or non-image file raises labkit.vision.ImageError with what to do."""
-    if not _is_upload(value):
-        return value
-    from labkit import vision
-
-    items = _upload_items(value)
-    for item in items:
-        if isinstance(item, dict):
-            vision.load(item["path"])
-    return items[0] if len(items) == 1 and isinstance(items[0], str) else items
-
-
-def build_messages(history: list[dict], message: Any = None, system: str | None = None) -> list[dict]:
-    """OpenAI chat messages from a Gradio history (+ a new user message and an optional system prompt)."""
-    out = [{"role": "system", "content": system}] if system and system.strip() else []
-    for m in history or []:
-        if m.get("role") in ("user", "assistant", "system"):
-            out.append({"role": m["role"], "content": message_content(m.get("content", ""))})
-    if message is not None:
-        out.append({"role": "user", "content": message_content(message)})
-    return out
-
-
-def _text(content: Any) -> str:
-    c = message_content(content)
-    return c if isinstance(c, str) else " ".join(p.get("text", "[image]") for p in c)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -120,7 +55,7 @@ def _text(content: Any) -> str:
 def stream_reply(api: Any, model: str, messages: list[dict], max_new_tokens: int = 256, top_p: float = 0.8,
                  top_k: int = 40, temperature: float = 0.7) -> Iterator[str]:
     """Stream a reply from the server: yields the text so far."""
-    from labkit.serve import openai_client, stream_text
+    from labkit.net import openai_client, stream_text
 
     stream = openai_client(*openai_base(api)).chat.completions.create(
         model=model, messages=messages, stream=True, max_tokens=int(max_new_tokens), top_p=float(top_p),
@@ -152,34 +87,42 @@ def build_app(api: Any, title: str = "LMDeploy Lab chat", vision: bool = False):
         names = models_or_error()
         return gr.Dropdown(choices=names, value=names[0] if names else None)
 
+    # The conversation lives on the server (gr.State, one per browser session): no API takes a history, so
+    # a client cannot name a file through one. The Chatbot only shows it.
     def _reply(history, model, system, max_new_tokens, top_p, top_k, temperature):
-        if not model:
+        if not model or not isinstance(model, str):
             raise fail("pick a model first (the list comes from /v1/models)")
-        messages = build_messages(history, None, system)
+        try:
+            messages = build_messages(history, None, system, uploads=upload_dir())
+        except UploadError as err:
+            raise fail(str(err)) from None
         history = history + [{"role": "assistant", "content": ""}]
         try:
             for text in stream_reply(api, model, messages, max_new_tokens, top_p, top_k, temperature):
                 history[-1] = {"role": "assistant", "content": text}
-                yield history
+                yield history, history
         except gr.Error:
             raise
         except Exception as err:
             raise fail(f"the server at {base} failed: {type(err).__name__}: {str(err)[:200]}") from None
-        yield history
+        yield history, history
 
     def chat(message, history, model, system, max_new_tokens, top_p, top_k, temperature):
+        history = list(history or [])
         if _is_upload(message):  # a vision model's input: text + images, each image checked before sending
             from labkit.vision import ImageError
 
             try:
-                message = check_upload(message)
-            except ImageError as err:
+                message = check_upload(message, upload_dir())
+            except (ImageError, UploadError) as err:
                 raise fail(str(err)) from None
+        elif not isinstance(message, str):
+            raise fail("the message must be text (pictures go through the clip of a vision model's UI)")
         if not message or isinstance(message, str) and not message.strip():
             raise fail("type a message first")
-        history = (history or []) + [{"role": "user", "content": message}]
-        for h in _reply(history, model, system, max_new_tokens, top_p, top_k, temperature):
-            yield "", h
+        history = history + [{"role": "user", "content": message}]
+        for shown, kept in _reply(history, model, system, max_new_tokens, top_p, top_k, temperature):
+            yield "", shown, kept
 
     def retry(history, model, system, max_new_tokens, top_p, top_k, temperature):
         history = list(history or [])
@@ -194,10 +137,10 @@ def build_app(api: Any, title: str = "LMDeploy Lab chat", vision: bool = False):
         while history and history[-1]["role"] == "assistant":
             history.pop()
         last = history.pop() if history else None
-        return history, (_text(last["content"]) if last else "")
+        return history, history, (_text(last["content"]) if last else "")
 
     def clear():
-        return [], ""
+        return [], [], ""
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"### {title}\nServer: `{base}`")
@@ -223,26 +166,35 @@ def build_app(api: Any, title: str = "LMDeploy Lab chat", vision: bool = False):
                 top_k = gr.Slider(0, 100, value=DEFAULTS["top_k"], step=1, label="top_k (0 = off)")
                 temp = gr.Slider(0.0, 2.0, value=DEFAULTS["temperature"], step=0.05, label="temperature")
         params = [model, system, max_new, top_p, top_k, temp]
-        send_btn.click(chat, [msg, chatbot, *params], [msg, chatbot], api_name="chat")
-        msg.submit(chat, [msg, chatbot, *params], [msg, chatbot], api_visibility="private")
-        retry_btn.click(retry, [chatbot, *params], [chatbot], api_name="retry")
-        undo_btn.click(undo, [chatbot], [chatbot, msg], api_name="undo")
-        clear_btn.click(clear, None, [chatbot, msg], api_name="clear")
+        conversation = gr.State([])  # server-side; clients cannot set it
+        send_btn.click(chat, [msg, conversation, *params], [msg, chatbot, conversation], api_name="chat")
+        msg.submit(chat, [msg, conversation, *params], [msg, chatbot, conversation], api_visibility="private")
+        retry_btn.click(retry, [conversation, *params], [chatbot, conversation], api_name="retry")
+        undo_btn.click(undo, [conversation], [chatbot, conversation, msg], api_name="undo")
+        clear_btn.click(clear, None, [chatbot, conversation, msg], api_name="clear")
         reload_btn.click(refresh, None, [model], api_name="models")
         app.load(refresh, None, [model], api_visibility="private")
     return app
 
 
-class WebUI:
+class WebUI(Live):
     """A running web UI: its url, the Gradio app, and close()."""
 
-    def __init__(self, app, url: str, share_url: str | None = None):
-        self.app, self.url, self.share_url = app, url, share_url
+    kind = "web UI"
+    name = "webui"  # one web UI per kernel: launching again replaces it
+
+    def __init__(self, app, url: str, share_url: str | None = None, auth: tuple[str, str] | None = None):
+        self.app, self.url, self.share_url, self.auth = app, url, share_url, auth
+        self._client = None  # the gradio_client session that ask / retry use
 
     def close(self) -> None:
         """Stop the web server."""
-        if _live.get("webui") is self:
-            _live.pop("webui")
+        self._forget()
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:
+                pass
         self.app.close()
         print(f"web UI at {self.url} closed")
 
@@ -261,34 +213,74 @@ class WebUI:
         return f"WebUI({self.url})"
 
 
-_live: dict[str, WebUI] = {}
+_live = WebUI._live  # "webui" -> the running app (labkit.live.Live keeps it)
+
+
+def check_auth(share: bool, host: str, auth: Any, no_auth_i_understand: bool = False) -> tuple[str, str] | None:
+    """(user, password) from "USER:PASS" or a pair; AuthError when the UI is open to others (share, a
+    non-loopback host) without one, unless no_auth_i_understand."""
+    if isinstance(auth, str):
+        user, sep, password = auth.partition(":")
+        if not (sep and user and password):
+            raise AuthError(f"auth must look like USER:PASS, not {auth!r}")
+        auth = (user, password)
+    elif auth is not None:
+        if not (isinstance(auth, (tuple, list)) and len(auth) == 2 and all(isinstance(a, str) and a for a in auth)):
+            raise AuthError("auth must be 'USER:PASS' or a (user, password) pair of non-empty strings")
+        auth = (auth[0], auth[1])
+    if auth is None and not no_auth_i_understand and (share or not is_loopback(host)):
+        where = "a public gradio.live link (share)" if share else f"host {host!r} (other machines can reach it)"
+        raise AuthError(f"refusing to serve the web UI on {where} without a password: anyone who finds it can "
+                        f"chat with your model on your GPU; pass auth='USER:PASS' (CLI: --auth USER:PASS), "
+                        f"or no_auth_i_understand=True (--no-auth-i-understand)")
+    return auth
+
+
+def is_loopback(host: str) -> bool:
+    """True for names and addresses of this machine only (localhost, 127.x, ::1)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def launch(api_url: Any, port: int | None = None, block: bool = False, share: bool = False,
-           host: str = "127.0.0.1", title: str = "LMDeploy Lab chat", vision: bool | None = None) -> WebUI:
+           host: str = "127.0.0.1", title: str = "LMDeploy Lab chat", vision: bool | None = None,
+           auth: str | tuple[str, str] | None = None, no_auth_i_understand: bool = False) -> WebUI:
     """Serve the chat app for `api_url` (a URL or a labkit Server); returns at once unless block=True.
 
-    vision=None: an image upload appears when `api_url` is a labkit Server of a vision-language model."""
-    from labkit.live import replace_earlier
-    from labkit.serve import LOCAL_HOSTS, check_port, free_port, url_host
+    vision=None: an image upload appears when `api_url` is a labkit Server of a vision-language model.
+    share=True or a host other machines reach needs auth="USER:PASS" (or no_auth_i_understand=True)."""
+    from labkit.net import check_port, free_port, url_host
 
     openai_base(api_url)  # a bad URL fails here, before anything starts
+    auth = check_auth(share, host, auth, no_auth_i_understand)  # so does an open UI without a password
     if vision is None:
         from labkit.vision import is_vision_model
 
         vision = hasattr(api_url, "model_dir") and is_vision_model(api_url.model_dir)
-    replace_earlier(_live, "webui", "web UI")  # re-running the cell replaces the app
-    if host not in LOCAL_HOSTS:
-        print(f"WARNING: the web UI listens on {host}: anyone who can reach this machine can chat with the model")
+    WebUI.replace("webui")  # re-running the cell replaces the app
+    if not is_loopback(host):
+        print(f"WARNING: the web UI listens on {host}: anyone who can reach this machine can try to log in"
+              + ("" if auth else " (no password: you chose no_auth_i_understand)"))
     port = check_port(host, port) if port is not None else free_port(host)
     app = build_app(api_url, title=title, vision=vision)
     app.queue()
     server_name = f"[{host}]" if ":" in host else host  # gradio builds http://{server_name}:{port} itself
-    _app, local_url, share_url = app.launch(server_name=server_name, server_port=port, share=share, inline=False,
-                                            prevent_thread_lock=True, quiet=True, show_error=True)
+    try:
+        _app, local_url, share_url = app.launch(server_name=server_name, server_port=port, share=share,
+                                                inline=False, prevent_thread_lock=True, quiet=True, show_error=True,
+                                                auth=auth)
+    except BaseException:  # a failed start (or Ctrl-C, e.g. while the share link is made) leaves no server up
+        app.close()
+        raise
     url = f"http://{url_host(host)}:{port}/"
-    handle = WebUI(app, url, share_url)
-    _live["webui"] = handle
+    handle = WebUI(app, url, share_url, auth)
+    handle._keep()
     if block:
         print(f"web UI on {url}" + (f" (public: {share_url})" if share_url else "") + "; Ctrl-C stops it")
         try:
@@ -298,95 +290,30 @@ def launch(api_url: Any, port: int | None = None, block: bool = False, share: bo
     return handle
 
 
-# ----------------------------------------------------------------------------- driving the app from code
-
-def _ui_client(ui: Any):
-    """A gradio_client.Client for a running app: a Client as it is, a WebUI handle, or the app's URL."""
-    if hasattr(ui, "predict") and hasattr(ui, "submit"):
-        return ui
-    from gradio_client import Client
-
-    return Client(str(getattr(ui, "url", ui)), verbose=False)
-
-
-def _gen_args(gen: dict) -> list:
-    """max_new_tokens, top_p, top_k, temperature in the app's order (DEFAULTS for those not given)."""
-    unknown = set(gen) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown generation parameter(s) {', '.join(sorted(unknown))}: "
-                        f"the web UI has {', '.join(DEFAULTS)}")
-    return [gen.get(k, v) for k, v in DEFAULTS.items()]
-
-
-def pick_model(ui: Any) -> str | None:
-    """Fill the app's model picker from /v1/models (as the page does when it opens); the model it selects.
-
-    Through its /models API. The picker accepts only models it lists, and each client session has its own."""
-    from labkit import deadline
-
-    client = _ui_client(ui)
-    picked = deadline.call(lambda: client.predict(api_name="/models"), None, "the web UI's /models", _UI_FIX)
-    return picked.get("value") if isinstance(picked, dict) else picked
-
-
-_UI_FIX = ("is the app still running (ui.url in a browser) and its server alive (server.alive, server.log_tail())? "
-           "close the app (ui.close()) and start it again")
-
-
-def ask(ui: Any, message: str, model: str | None = None, history: list | None = None, files: list | tuple = (),
-        system: str = "", updates: list | None = None, timeout: float | None = None, **gen: Any) -> list:
-    """Send `message` (+ image `files`) through the app's /chat API, as its Send button does; the history after.
-
-    `ui`: a gradio_client.Client, a WebUI or the app's URL. The model picker is filled first (pick_model);
-    model=None takes the model it selects. `gen`: max_new_tokens, top_p, top_k, temperature (else DEFAULTS).
-    A list given as `updates` collects every streamed (textbox, history) update. A refusal (gr.Error in the
-    app) raises gradio_client's error with the app's message; no answer within `timeout` s, a RequestTimeout."""
-    from labkit import deadline
-
-    client = _ui_client(ui)
-    if files:
-        from gradio_client import handle_file
-
-        message = {"text": message, "files": [handle_file(str(f)) for f in files]}
-    picked = pick_model(client)
-    model = picked if model is None else model
-    job = client.submit(message, list(history or []), model, system, *_gen_args(gen), api_name="/chat")
-
-    def finish():
-        if updates is not None:
-            updates.extend(job)
-        return job.result()[1]
-
-    return deadline.call(finish, timeout, "the web UI's /chat", _UI_FIX)
-
-
-def retry(ui: Any, history: list, model: str | None = None, system: str = "", timeout: float | None = None,
-          **gen: Any) -> list:
-    """Regenerate the last reply of `history` through the app's /retry API (its Retry button); the new history."""
-    from labkit import deadline
-
-    client = _ui_client(ui)
-    picked = pick_model(client)
-    model = picked if model is None else model
-    return deadline.call(lambda: client.predict(list(history), model, system, *_gen_args(gen), api_name="/retry"),
-                         timeout, "the web UI's /retry", _UI_FIX)
-
-
 def _cli(args) -> int:
     try:
-        launch(args.api, port=args.port, block=True, share=args.share, host=args.host, vision=args.vision)
-    except (ValueError, RuntimeError) as err:
+        launch(args.api, port=args.port, block=True, share=args.share, host=args.host, vision=args.vision,
+               auth=args.auth, no_auth_i_understand=args.no_auth_i_understand)
+    except LabkitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
 
 
 def add_cli(sub) -> None:
-    """`labkit webui --api URL [--port P] [--host H] [--share]`."""
+    """`labkit webui --api URL [--port P] [--host H] [--share] [--auth USER:PASS]`."""
     p = sub.add_parser("webui", help="a Gradio chat app over an OpenAI-compatible server (e.g. lmdeploy's)")
     p.add_argument("--api", required=True, help="the server, e.g. http://127.0.0.1:23333")
     p.add_argument("--port", type=int, default=None, help="port of the web UI (default: a free one)")
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines too")
-    p.add_argument("--share", action="store_true", help="also a public gradio.live link")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines too (needs --auth)")
+    p.add_argument("--share", action="store_true", help="also a public gradio.live link (needs --auth)")
+    p.add_argument("--auth", default=None, metavar="USER:PASS", help="log-in for the page (needed with --share "
+                   "or a non-loopback --host)")
+    p.add_argument("--no-auth-i-understand", action="store_true",
+                   help="serve --share / a non-loopback host without a password (anyone can use your GPU)")
     p.add_argument("--vision", action="store_true", help="add an image upload (for a vision-language model)")
     p.set_defaults(func=_cli)
+
+
+# Driving the app from code (labkit.webui_client), under the names notebooks 02 and 05 use.
+from labkit.webui_client import UnknownParameterError, _ui_client, ask, pick_model, retry  # noqa: E402,F401

@@ -33,19 +33,20 @@ while [ $# -gt 0 ]; do
 done
 set -- ${pass[@]+"${pass[@]}"}
 # By default every notebook and every test marked `gpu`; CPU-only unit tests run in CI (make test).
-# `--part 1` / `--part 2` / `--part 3` split it in parts of about 5, 7 and 4 minutes on the PyTorch engine (for
-# a runner that allows 10 minutes a command; part 3 is lab 07 and its gpu test); or name test files /
-# notebooks (and pytest options) yourself.
-# The gpu tests of the engines and the InternLM2-shaped model go with part 1 (notebooks 00-03 are the shorter half).
+# `--part 1` / `--part 2` / `--part 3` / `--part 4` split it in parts of a few minutes each on the PyTorch
+# engine (for a runner that allows 10 minutes a command): 1 = notebooks 00-03 and the engines' gpu tests,
+# 2 = notebooks 04-06 and the other gpu tests, 3 = lab 07 and its gpu test, 4 = the fault suite's GPU cases
+# (docs/reliability.md); or name test files / notebooks (and pytest options) yourself.
 PART1_TESTS=(tests/test_internlm2.py tests/test_deadline.py tests/test_backends.py)
 [ "$bench" = 0 ] && case "${1:-}" in
   "") set -- notebooks tests -m "gpu or notebook" ;;
   --part)
     case "${2:-}" in
       1) set -- notebooks/0[0-3]_*.ipynb "${PART1_TESTS[@]}" -m "gpu or notebook" ;;
-      2) set -- notebooks/0[4-6]_*.ipynb tests "${PART1_TESTS[@]/#/--ignore=}" --ignore=tests/test_scale.py -m "gpu or notebook" ;;
+      2) set -- notebooks/0[4-6]_*.ipynb tests "${PART1_TESTS[@]/#/--ignore=}" --ignore=tests/test_scale.py --ignore=tests/test_faults.py -m "gpu or notebook" ;;
       3) set -- notebooks/0[7-9]_*.ipynb tests/test_scale.py -m "gpu or notebook" ;;
-      *) echo "--part takes 1, 2 or 3, not '${2:-}'" >&2; exit 2 ;;
+      4) set -- tests/test_faults.py -m gpu ;;   # the fault suite's GPU cases (docs/reliability.md)
+      *) echo "--part takes 1, 2, 3 or 4, not '${2:-}'" >&2; exit 2 ;;
     esac ;;
 esac
 export LABKIT_REPORT_DIR="${LABKIT_REPORT_DIR:-${OUT:-artifacts/gpu-suite}}"

@@ -266,3 +266,52 @@ def test_fp8_on_turbomind_is_refused_by_labkit_and_by_lmdeploy():
     assert int(TurbomindEngineConfig(quant_policy=42).quant_policy) == 42
     assert int(engine_config("pytorch", quant_policy=17).quant_policy) == 17
     assert int(engine_config("pytorch", quant_policy=42).quant_policy) == 42
+
+
+# ----------------------------------------------------------------------------- every lmdeploy 0.18 KV policy
+
+def test_labkit_knows_exactly_lmdeploys_kv_policies():
+    from lmdeploy.messages import QuantPolicy
+
+    assert sorted(kvcache.KV_POLICIES) == sorted(int(p) for p in QuantPolicy)
+
+
+@pytest.mark.parametrize("policy", [0, 4, 8, 16, 17, 42])
+def test_the_pytorch_engine_takes_every_policy(policy):
+    assert kvcache.check_policy(policy, "pytorch", head_dim=64) == policy
+    from labkit.engine import engine_config
+
+    assert int(engine_config("pytorch", 0.5, policy).quant_policy) == policy  # lmdeploy's own config takes it
+
+
+@pytest.mark.parametrize("policy, match", [(16, "refused by TurboMind"), (17, "refused by TurboMind"),
+                                           (42, "PyTorch engine only")])
+def test_turbomind_refuses_fp8_and_turboquant_with_the_engines_reason(policy, match):
+    with pytest.raises(kvcache.OptionError, match=match) as err:
+        kvcache.check_policy(policy, "turbomind")
+    assert "\n" not in str(err.value)
+    if policy in (16, 17):  # lmdeploy's own TurbomindEngineConfig refuses them the same way
+        from lmdeploy import TurbomindEngineConfig
+
+        with pytest.raises(ValueError, match="FP8 quantization is not supported"):  # pydantic's ValidationError
+            TurbomindEngineConfig(quant_policy=policy)
+    assert kvcache.check_policy(8, "turbomind") == 8
+
+
+def test_turboquant_needs_a_power_of_two_head_dim():
+    with pytest.raises(kvcache.OptionError, match="power-of-two head_dim.*96"):
+        kvcache.check_policy(42, "pytorch", head_dim=96)
+    assert kvcache.check_policy(42, "pytorch", head_dim=128) == 42
+
+
+@pytest.mark.parametrize("bad", [3, 1, 32, -1, "4", True, None, 4.5])
+def test_other_policies_are_refused(bad):
+    with pytest.raises(kvcache.OptionError, match="quant_policy must be one of"):
+        kvcache.check_policy(bad)
+
+
+def test_block_bytes_of_the_new_policies_follow_lmdeploys_layout():
+    shape = kvcache.ModelShape(layers=1, kv_heads=1, head_dim=128)
+    fp16 = kvcache.block_bytes(shape, 0, 64)
+    assert kvcache.block_bytes(shape, 16, 64) == kvcache.block_bytes(shape, 17, 64) == fp16 // 2  # 1 byte a value
+    assert kvcache.block_bytes(shape, 42, 64) < kvcache.block_bytes(shape, 4, 64)  # V at 2 bits

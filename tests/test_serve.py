@@ -90,6 +90,7 @@ STANDIN = textwrap.dedent(r"""
             pass
     class Server(ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        request_queue_size = 256  # as uvicorn's backlog: many clients at once (the load test's 64)
     Server((host, port), H).serve_forever()
 """)
 
@@ -184,7 +185,8 @@ def test_lmdeploy_rejecting_an_option_reports_its_log_tail(tiny_dir):
     name = _name("badarg")
     start = time.perf_counter()
     with pytest.raises(ServerError) as err:
-        serve.Server("generated:tiny-chat", name=name, cache_ratio=0.1, extra_args=["--no-such-option"], show=False)
+        serve.Server("generated:tiny-chat", name=name, cache_ratio=0.1, extra_args=["--no-such-option"], show=False,
+                     check_gpu=False)  # lmdeploy itself, even on a machine without a GPU
     took = time.perf_counter() - start
     msg = str(err.value)
     assert "exited while loading" in msg and "rejected a command-line option" in msg
@@ -193,7 +195,23 @@ def test_lmdeploy_rejecting_an_option_reports_its_log_tail(tiny_dir):
     assert not [e for e in serve.servers() if e["name"] == name], "the registry kept a dead server"
 
 
+def test_no_usable_gpu_is_refused_before_lmdeploy_starts(tiny_dir):
+    from labkit.gpu import has_cuda
+
+    if has_cuda():
+        pytest.skip("this machine has a GPU: lmdeploy loads here")
+    before, logs = _children(), set((serve.config.home() / "logs").glob("*"))
+    start = time.perf_counter()
+    with pytest.raises(ServerError) as err:
+        serve.Server("generated:tiny-chat", name=_name("nogpu"), cache_ratio=0.1, show=False)
+    took = time.perf_counter() - start
+    assert "not started" in str(err.value) and "needs a CUDA GPU" in str(err.value) and "\n" not in str(err.value)
+    assert took < 5, f"the refusal took {took:.1f} s"
+    assert _children() == before and set((serve.config.home() / "logs").glob("*")) == logs
+
+
 def test_lmdeploy_without_gpu_dies_while_loading_and_says_why(tiny_dir):
+    """check_gpu=False starts lmdeploy anyway: it dies while loading, and the cause is read from its log."""
     from labkit.gpu import has_cuda
 
     if has_cuda():
@@ -201,7 +219,7 @@ def test_lmdeploy_without_gpu_dies_while_loading_and_says_why(tiny_dir):
     before = _children()
     start = time.perf_counter()
     with pytest.raises(ServerError) as err:
-        serve.Server("generated:tiny-chat", name=_name("nogpu"), cache_ratio=0.1, show=False)
+        serve.Server("generated:tiny-chat", name=_name("nogpu"), cache_ratio=0.1, show=False, check_gpu=False)
     took = time.perf_counter() - start
     msg = str(err.value)
     print(f"reported after {took:.1f} s:\n{msg}")
@@ -660,12 +678,9 @@ def test_webui_launches_without_blocking_and_answers_its_api(tiny_dir, standin, 
         picked = client.predict(api_name="/models")
         assert (picked["value"] if isinstance(picked, dict) else picked) == srv.model_name
         assert client.predict(api_name="/clear") == ([], "")
-        history = [{"role": "user", "content": [{"type": "text", "text": "first"}]},
-                   {"role": "assistant", "content": [{"type": "text", "text": "reply"}]}]  # gradio 6's format
-        chat, text = client.predict(history, api_name="/undo")
-        assert chat == [] and text == "first"
+        assert client.predict(api_name="/undo") == ([], "")  # nothing to undo yet
         with pytest.raises(Exception, match="pick a model first"):
-            client.predict("hi", [], None, "", 16, 0.8, 40, 0.7, api_name="/chat")
+            client.predict("hi", None, "", 16, 0.8, 40, 0.7, api_name="/chat")
         srv.stop()
         with pytest.raises(Exception, match="cannot reach"):
             client.predict(api_name="/models")
@@ -689,11 +704,17 @@ def test_webui_ask_and_retry_drive_the_app_and_a_rerun_replaces_it(tiny_dir, sta
         assert [m["role"] for m in history] == ["user", "assistant"]
         assert webui.message_content(history[-1]["content"]) == "Hello from the"
         assert len(updates) > 1, "the reply did not stream"
-        again = webui.retry(first.url, history, srv.model_name, max_new_tokens=2)
+        again = webui.retry(first, srv.model_name, max_new_tokens=2)  # the conversation lives in the app
         assert [m["role"] for m in again] == ["user", "assistant"]
         assert webui.message_content(again[-1]["content"]) == "Hello from"
-        with pytest.raises(TypeError, match="unknown generation parameter"):
+        with pytest.raises(Exception, match="nothing to retry yet"):  # another session has its own conversation
+            webui.retry(first.url, srv.model_name)
+        chat, text = webui._ui_client(first).predict(api_name="/undo")  # Undo gives the last question back
+        assert chat == [] and text == "hi"
+        with pytest.raises(TypeError, match="use max_new_tokens"):
             webui.ask(first, "hi", max_tokens=3)
+        with pytest.raises(ValueError, match="takes no history"):
+            webui.retry(first, history, srv.model_name)
         second = webui.launch(srv)  # the same cell again
         second.close()
     finally:

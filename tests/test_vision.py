@@ -327,7 +327,7 @@ def test_missing_folder_empty_image_and_wrong_type(tmp_path):
 
 def test_url_on_a_closed_port_fails_fast_and_clearly():
     port = free_port()
-    with pytest.raises(ImageError, match=rf"could not fetch http://127.0.0.1:{port}/x.png \(ConnectionError\)"):
+    with pytest.raises(ImageError, match=rf"could not fetch http://127.0.0.1:{port}/x.png \(ConnectError\)"):
         vision.load(f"http://127.0.0.1:{port}/x.png", timeout=2)
 
 
@@ -443,10 +443,10 @@ def test_webui_for_a_vision_model_refuses_a_bad_upload_in_the_browser_api(sample
     try:
         client = Client(ui.url, verbose=False)
         with pytest.raises(Exception, match="corrupt or truncated"):
-            client.predict({"text": "what is it?", "files": [handle_file(str(samples["corrupt"]))]}, [], None, "",
+            client.predict({"text": "what is it?", "files": [handle_file(str(samples["corrupt"]))]}, None, "",
                            16, 0.8, 40, 0.7, api_name="/chat")
         with pytest.raises(Exception, match="pick a model first"):
-            client.predict({"text": "what is it?", "files": [handle_file(str(samples["circle"]))]}, [], None, "",
+            client.predict({"text": "what is it?", "files": [handle_file(str(samples["circle"]))]}, None, "",
                            16, 0.8, 40, 0.7, api_name="/chat")
     finally:
         ui.close()
@@ -498,18 +498,15 @@ def test_webui_sends_the_uploaded_picture_to_the_server(samples):
     try:
         client = Client(ui.url, verbose=False)
         client.predict(api_name="/models")  # what the page does when it opens: fill the model picker
-        text, chat = client.predict({"text": "What is this?", "files": [handle_file(str(samples["circle"]))]}, [],
+        text, chat = client.predict({"text": "What is this?", "files": [handle_file(str(samples["circle"]))]},
                                     "tiny-vl", "", 16, 0.8, 40, 0.7, api_name="/chat")
         assert [m["role"] for m in chat] == ["user", "assistant"], chat
         assert "a red circle" in json.dumps(chat[-1]["content"])
         sent = _OpenAIStandIn.received[-1]["messages"][-1]["content"]
         assert sent[0] == {"type": "text", "text": "What is this?"} and sent[1]["type"] == "image_url"
         assert vision.load(sent[1]["image_url"]["url"]).size == (256, 256)
-        # the next turn sends the history back in Gradio's own message format, picture included (the client
-        # hands files back as local paths; a browser keeps them as Gradio FileData, which handle_file rebuilds)
-        for m in chat:
-            m["content"] = [dict(c, file=handle_file(c["file"])) if c.get("type") == "file" else c for c in m["content"]]
-        client.predict({"text": "Sure?", "files": []}, chat, "tiny-vl", "", 16, 0.8, 40, 0.7, api_name="/chat")
+        # the next turn: the app keeps the conversation (picture included) in this client's session
+        client.predict({"text": "Sure?", "files": []}, "tiny-vl", "", 16, 0.8, 40, 0.7, api_name="/chat")
         turn2 = _OpenAIStandIn.received[-1]["messages"]
         assert [m["role"] for m in turn2] == ["user", "assistant", "user"]
         assert [p["type"] for p in turn2[0]["content"]] == ["text", "image_url"] and turn2[2]["content"] == "Sure?"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from labkit import config
+from labkit.errors import LabkitError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -20,7 +21,7 @@ IMAGES_VERSION = 1       # bump when sample_images() draws something else
 URL_TIMEOUT = 5.0        # seconds a URL gets to answer
 
 
-class ImageError(ValueError):
+class ImageError(LabkitError, ValueError):
     """An image could not be read or used; the message says what to do next."""
 
 # ---------------------------------------------------------------------------------------------
@@ -74,14 +75,14 @@ def _decode(data: bytes, what: str) -> "Image":
 
 
 def _fetch(url: str, timeout: float) -> bytes:
-    import requests
+    import httpx  # proxy settings honoured: the picture is on the internet
 
     try:
-        resp = requests.get(url, timeout=timeout, headers={"User-Agent": "labkit"})
-    except requests.Timeout as err:
+        resp = httpx.get(url, timeout=timeout, headers={"User-Agent": "labkit"}, follow_redirects=True)
+    except httpx.TimeoutException as err:
         raise ImageError(f"{url} did not answer within {timeout:g} s: check the address and your network, "
                          f"or download the image and give its path") from err
-    except requests.RequestException as err:
+    except httpx.HTTPError as err:
         raise ImageError(f"could not fetch {url} ({type(err).__name__}): check the address and your network, "
                          f"or download the image and give its path") from err
     if resp.status_code != 200:
