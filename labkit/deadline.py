@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from labkit import config
+from labkit.errors import LabkitError
 
 T = TypeVar("T")
 
 
-class RequestTimeout(TimeoutError):
+class RequestTimeout(LabkitError, TimeoutError):
     """A request got no answer within its time limit; the message says what to do."""
 
 

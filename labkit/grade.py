@@ -17,6 +17,7 @@ from pathlib import Path
 from labkit import crosscheck, evidence, integrity
 from labkit.integrity import Finding, lab_name
 from labkit.rubric import Item, Rubric, load
+from labkit.errors import InputError
 
 UNCREDIT = {"cleared", "tampered", "chain", "student", "raised", "generated", "inconsistent", "shared"}
 WHY = {"cleared": "outputs cleared", "tampered": "evidence does not match the notebook",
@@ -25,7 +26,7 @@ WHY = {"cleared": "outputs cleared", "tampered": "evidence does not match the no
        "shared": "evidence shared with another student"}
 
 
-class GradeError(ValueError):
+class GradeError(InputError):
     """Submissions that cannot be graded; the message says what to do."""
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labkit import config
+from labkit.errors import InputError
 
 ARCH = "InternLM2ForCausalLM"
 CODE_FILES = ("configuration_internlm2.py", "modeling_internlm2.py")
@@ -76,7 +77,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class InternLM2FormatError(ValueError):
+class InternLM2FormatError(InputError):
     """A spec or state dict that is not a valid InternLM2 model; the message says what is wrong."""
 
 

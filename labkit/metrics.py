@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.request
 from typing import Any
+from labkit.errors import LabkitError
 
 RUNNING = "lmdeploy:num_requests_running"
 WAITING = "lmdeploy:num_requests_waiting"
@@ -26,7 +27,7 @@ SCHEDULER_INTERVAL_S = 10.0  # lmdeploy updates the scheduler gauges this often
 SERIES = {"running": RUNNING, "waiting": WAITING, "KV cache used": KV_USAGE, "generated tokens": GEN_TOKENS}
 
 
-class MetricsError(RuntimeError):
+class MetricsError(LabkitError, RuntimeError):
     """The metrics could not be read or parsed; the message says what to check."""
 
 

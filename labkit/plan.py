@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit import kvcache
+from labkit.errors import InputError
 
 GiB = 1024**3
 # name: (memory GiB as NVML reports it, HBM bandwidth GB/s, dense bf16 TFLOP/s): vendor data sheets.
@@ -46,7 +47,7 @@ PAPER_MODELS = {
 TP_CHOICES = (1, 2, 4, 8)
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """The planner cannot answer for these inputs; the message says which input to change."""
 
 

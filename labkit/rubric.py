@@ -23,12 +23,13 @@ except ImportError:  # Python 3.10: the same parser as a package (requirements.t
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from labkit.errors import InputError
 
 OPS = ("min", "max", "equals", "one_of", "nonempty", "count_min")
 MISSING = object()
 
 
-class RubricError(ValueError):
+class RubricError(InputError):
     """A rubric that cannot be used; the message names the file, the item and the fix."""
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from labkit.errors import InputError
 
 # The form the lab fills: a name and an age, nothing else. The bounds keep a random-weight model's reply
 # short and plain: a name of 1-24 letters (no control characters) and an age of at most 3 digits. The
@@ -24,7 +25,7 @@ PERSON = {
 EXAMPLE_TEXT = "Ada Lovelace wrote the first program when she was 27. Extract her name and age as JSON."
 
 
-class StructuredOutputError(ValueError):
+class StructuredOutputError(InputError):
     """A reply that is not JSON, or JSON that does not fit the schema; the message says where."""
 
 

@@ -14,12 +14,13 @@ import zipfile
 from pathlib import Path
 
 from labkit import evidence, integrity
+from labkit.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUBRIC = REPO / "grading" / "rubric.toml"
 
 
-class SubmitError(ValueError):
+class SubmitError(InputError):
     """A submission that cannot be made; the message says what to do."""
 
 
