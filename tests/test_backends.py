@@ -112,7 +112,9 @@ def test_suite_stops_in_one_line_where_turbomind_cannot_load(tmp_path):
                   env={"PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "PATH": f"{py}{os.pathsep}{os.environ['PATH']}",
                        "LABKIT_REPORT_DIR": str(tmp_path / "out")})
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
-    [line] = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, done.stderr[-3000:]
+    [line] = lines
     assert line.startswith("--backend turbomind: TurboMind cannot load here, missing lmdeploy/turbomind/_turbomind")
     assert "make turbomind-chunks" in line and "pytest" not in done.stdout  # nothing ran
 
