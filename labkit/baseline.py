@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labkit.engine import EngineError, check_gen, needs_remote_code
+from labkit.backends import needs_remote_code
+from labkit.engine import check_gen
+from labkit.errors import EngineError
 from labkit.live import Live
 
 

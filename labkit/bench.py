@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from labkit.engine import EngineError, check_gen
-from labkit.errors import LabkitError
+from labkit.engine import check_gen
+from labkit.errors import EngineError, LabkitError
 
 COLUMNS = ["engine", "batch", "output tok/s", "TTFT ms", "total s", "repeats", "prompt tokens", "new tokens"]
 
@@ -42,7 +42,7 @@ def _tokenizer(engine: Any):
         return engine.tokenizer
     from transformers import AutoTokenizer
 
-    from labkit.engine import needs_remote_code
+    from labkit.backends import needs_remote_code
 
     return AutoTokenizer.from_pretrained(engine.model_dir, trust_remote_code=needs_remote_code(engine.model_dir))
 

@@ -263,7 +263,7 @@ def render(messages: list[dict], model: str | Path, config=None) -> str:
     """The prompt lmdeploy builds from `messages` for the model (its chat template, or `config`'s)."""
     from lmdeploy.model import get_chat_template
 
-    from labkit.engine import needs_remote_code
+    from labkit.backends import needs_remote_code
 
     remote = needs_remote_code(model)  # InternLM2.5's tokenizer is remote code, as lmdeploy loads it with the flag
     with contextlib.redirect_stderr(io.StringIO()):
@@ -333,7 +333,8 @@ def chat_commands(model_dir: str | Path):
     """`lmdeploy chat` for each backend: the command where it can run here, else why not (a table)."""
     import pandas as pd
 
-    from labkit.engine import EngineError, chat_command
+    from labkit.engine import chat_command
+    from labkit.errors import EngineError
     from labkit.gpu import has_cuda
 
     rows, gpu = [], has_cuda()

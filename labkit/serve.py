@@ -54,7 +54,8 @@ class Server(Live):
                  eager: bool | None = None, log_level: str = "INFO", show: bool = True,
                  command: list[str] | None = None, stop_grace: float = STOP_GRACE_S, check_gpu: bool = True,
                  env: dict[str, str] | None = None):
-        from labkit.engine import check_backend, check_options, choose_backend, default_eager
+        from labkit.backends import check_backend, choose_backend
+        from labkit.engine import check_options, default_eager
         from labkit.models import resolve
 
         self.name, self.host, self.show, self.stop_grace = name, host, show, stop_grace
@@ -340,7 +341,7 @@ def api_server_args(model_dir: str | Path, *, host: str, port: int, backend: str
     argv = ["lmdeploy", "serve", "api_server", str(model_dir), "--server-name", host, "--server-port", str(port),
             "--backend", backend, "--model-name", model_name, "--cache-max-entry-count", str(cache_ratio),
             "--quant-policy", str(quant_policy), "--log-level", log_level.upper()]
-    from labkit.engine import needs_remote_code
+    from labkit.backends import needs_remote_code
 
     if needs_remote_code(model_dir):  # as Engine does: lmdeploy 0.18 defaults --trust-remote-code to off
         argv.append("--trust-remote-code")

@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from labkit import bench, kvcache, models, quant
-    from labkit.engine import TURBOMIND_HOWTO, Engine, turbomind_missing
+    from labkit.backends import TURBOMIND_HOWTO, turbomind_missing
+    from labkit.engine import Engine
     from labkit.gpu import require_gpu
 
     start = time.perf_counter()
