@@ -742,3 +742,20 @@ def test_webui_vision_ask_sends_pictures_and_refuses_a_corrupt_one(tiny_dir, sta
                 webui.ask(ui, "And this one?", files=[paths["corrupt"]], max_new_tokens=3)
     finally:
         srv.stop()
+
+
+def test_log_echo_shows_complete_lines_finished_bars_and_counts_the_rest(tmp_path):
+    """labkit.logtail.LogEcho: a half-written line waits, a running progress bar is dropped, a done one shown,
+    and lines past max_shown are counted, not shown."""
+    from labkit.logtail import LogEcho, tail_lines
+
+    log, shown = tmp_path / "server.log", []
+    log.write_bytes(b"loading\n 40%|####\r100%|##########\nhalf")
+    echo = LogEcho(log, shown.append, max_shown=2)
+    echo.pump()
+    assert shown == ["  | loading", "  | 100%|##########"] and echo.skipped == 0
+    with open(log, "ab") as f:
+        f.write(b" done\nmore\n")
+    echo.pump()
+    assert shown[-1] == "  | 100%|##########" and echo.skipped == 2  # "half done" and "more": past max_shown
+    assert tail_lines(log, 2) == ["half done\n", "more\n"]
