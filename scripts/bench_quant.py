@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing labkit
+from labkit import benchdoc
 from labkit.cli import run_script
 
-BEGIN, END = "<!-- bench_quant: begin -->", "<!-- bench_quant: end -->"
+BEGIN, END = benchdoc.markers("bench_quant")
 PROMPTS = ["Explain what a KV cache stores.", "Write a haiku about memory.", "List three uses of a GPU.",
            "What is quantization, in one sentence?", "Describe the sea to someone who has never seen it.",
            "Give two reasons to serve a model behind an API.", "Summarise the idea of attention.",
@@ -41,15 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="pytorch", choices=["auto", "turbomind", "pytorch"],
                    help="engine for bf16 vs AWQ (the KV-cache part always runs on the PyTorch engine: its KV blocks "
                         "and labkit's predictor are that engine's); both engines side by side: bench_engines.py")
-    p.add_argument("--out", type=Path, help="write the markdown section here")
-    p.add_argument("--append", type=Path, help="append the section to this file (replacing an earlier one)")
-    p.add_argument("--from-file", type=Path, help="measure nothing: put this earlier --out file into --append")
+    benchdoc.add_output_args(p)
     args = p.parse_args(argv)
-    if args.from_file:  # e.g. the GPU runner wrote --out $OUT/bench-quant.md; merge it here
-        if not args.append:
-            p.error("--from-file needs --append FILE")
-        write_section(args.append, args.from_file.read_text(encoding="utf-8"))
-        print(f"section from {args.from_file} written to {args.append}")
+    if benchdoc.merge_from_file(p, args, BEGIN, END):  # e.g. the GPU runner wrote --out $OUT/...; merge it here
         return 0
 
     from labkit import bench, kvcache, models, quant
@@ -115,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     print(weights.to_string(index=False))
     print(kv.to_string(index=False))
 
-    header, command = bench.report_header(
+    header, command = benchdoc.report_header(
         "scripts/bench_quant.py", argv, gpu.name, args.model, model_dir,
         f"LMDeploy {weights_rows[0].get('engine', args.backend)} engine for bf16 vs AWQ, PyTorch engine for the KV "
         f"cache, cache_max_entry_count {ratio}, {'eager' if args.eager else 'CUDA graphs'}; "
@@ -130,31 +125,15 @@ def main(argv: list[str] | None = None) -> int:
              f"weights + runtime buffers. Perplexity: lmdeploy `get_ppl` on labkit/data/heldout.txt "
              f"({args.ppl_windows} windows of 512 tokens; random weights, so only the two models' ratio means "
              f"something).", "",
-             bench.markdown(weights.round(2)), "",
+             benchdoc.markdown(weights.round(2)), "",
              f"KV cache at the same ratio ({ratio}), bf16 weights: blocks of 64 tokens read from the engine, "
              f"labkit's prediction made before each start, tokens/s with {args.concurrency} concurrent requests, "
              f"greedy replies to {len(PROMPTS)} prompts ({args.agree_tokens} tokens) compared position by position "
              f"with fp16 KV.", "",
-             bench.markdown(kv.round(2)), "",
+             benchdoc.markdown(kv.round(2)), "",
              "Command:", "", "```bash", command, "```", END, ""]
-    text = bench.report("\n".join(lines), args.out)
-    if args.append:
-        write_section(args.append, text)
-        print(f"section written to {args.append}")
+    benchdoc.publish("\n".join(lines), args, BEGIN, END)
     return 0
-
-
-def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
-    """Put `text` (which starts with `begin` and ends with `end`) into `path`, replacing an earlier run's section."""
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    if begin in old and end in old:
-        head, rest = old.split(begin, 1)
-        new = head + text.rstrip("\n") + rest.split(end, 1)[1]
-    else:
-        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new, encoding="utf-8")
-
 
 
 if __name__ == "__main__":
