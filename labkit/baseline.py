@@ -50,13 +50,13 @@ class HFEngine(Live):
         self.device = device or ("cuda" if has_cuda() else "cpu")
         close_baseline(name)  # re-running the cell that built it replaces it (and frees its memory) before the check
         if self.device.startswith("cuda"):
-            from labkit.engine import _init_cuda_context
+            from labkit.gpu import init_cuda_context
             from labkit.gpu import GiB, require_gpu
             from labkit.kvcache import weights_bytes
 
             require_gpu(min_free_gib=weights_bytes(self.model_dir) / GiB + 0.5,
                         what=f"loading {self.model_dir.name} with transformers")
-            _init_cuda_context(self.device)  # the CUDA context never goes back: count it before, not as ours
+            init_cuda_context(self.device)  # the CUDA context never goes back: count it before, not as ours
         self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging

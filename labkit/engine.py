@@ -21,7 +21,7 @@ from labkit.backends import (BACKENDS, TURBOMIND_HOWTO, TURBOMIND_LIBS, check_ar
                              check_backend, choose_backend, needs_remote_code, requested_backend,
                              turbomind_missing)
 from labkit.errors import EngineError  # noqa: F401 (re-exported)
-from labkit.gpu import GiB, memory_used, require_gpu, wait_for_memory_release
+from labkit.gpu import GiB, init_cuda_context, memory_used, require_gpu, wait_for_memory_release
 from labkit.live import Live
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ class Engine(Live):
         self.config = engine_config(self.backend, cache_ratio, quant_policy, session_len, tp, max_batch_size,
                                     eager, model_format)
         pipeline_kwargs.setdefault("trust_remote_code", needs_remote_code(self.model_dir))
-        _init_cuda_context()  # so the baseline holds this process's CUDA context, which never goes back
+        init_cuda_context()  # so the baseline holds this process's CUDA context, which never goes back
         self.memory_before = memory_used()
         start = time.perf_counter()
         from lmdeploy import pipeline
@@ -289,13 +289,6 @@ class Engine(Live):
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.memory_gib:.1f} GiB"
         return f"Engine({self.model_dir.name}, {self.backend}, {state})"
-
-
-def _init_cuda_context(device: str = "cuda") -> None:
-    """Create the CUDA context on `device` now (it never goes back), so no engine counts it as its own."""
-    import torch
-
-    torch.empty(1, device=device)
 
 
 def _free_partial(memory_before: int) -> None:

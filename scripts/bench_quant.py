@@ -47,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     if benchdoc.merge_from_file(p, args, BEGIN, END):  # e.g. the GPU runner wrote --out $OUT/...; merge it here
         return 0
 
-    from labkit import bench, kvcache, models, quant
+    from labkit import bench, kvcache, kvsweep, models, quant
     from labkit.engine import Engine
     from labkit.gpu import require_gpu
 
     start = time.perf_counter()
-    ratio = kvcache.check_runs([(args.cache_ratio, 0)])[0][0]  # bad settings fail before anything loads
+    ratio = kvsweep.check_runs([(args.cache_ratio, 0)])[0][0]  # bad settings fail before anything loads
     bench.check_sizes(tuple(args.batches) + (args.concurrency,), args.prompt_tokens, args.new_tokens, 1, args.repeats)
     gpu = require_gpu(what="the quantization benchmark")
     print(f"GPU: {gpu.name} ({gpu.total_gib:.0f} GiB), driver {gpu.driver}", flush=True)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             row = quant.profile_engine(eng, **measure)
             if label == "bf16" and eng.backend == "pytorch":  # this engine is also the fp16-KV reference
                 same_batch = args.concurrency in args.batches
-                kv_row, reference = kvcache.measure_engine(
+                kv_row, reference = kvsweep.measure_engine(
                     eng, PROMPTS, args.concurrency, args.new_tokens, args.repeats, args.agree_tokens, predicted,
                     tok_s=row[f"tok/s batch {args.concurrency}"] if same_batch else None,
                     prompt_tokens=args.prompt_tokens)
@@ -91,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         predicted = kvcache.predict(model_dir, ratio, policy)
         with Engine(model_dir, quant_policy=policy, **kv_kw) as eng:
             stamp(f"kv policy {policy} engine up in {eng.start_seconds:.0f} s")
-            kv_row, ids = kvcache.measure_engine(eng, PROMPTS, args.concurrency, args.new_tokens, args.repeats,
+            kv_row, ids = kvsweep.measure_engine(eng, PROMPTS, args.concurrency, args.new_tokens, args.repeats,
                                                  args.agree_tokens, predicted, prompt_tokens=args.prompt_tokens)
         kv_rows.append(kv_row)
         stamp(f"kv {policy}: {kv_row}")
         if reference is None:
             reference = ids
             continue
-        kv_row["same tokens as fp16 KV %"], kv_row["identical prefix (tokens)"] = kvcache.agreement(reference, ids)
+        kv_row["same tokens as fp16 KV %"], kv_row["identical prefix (tokens)"] = kvsweep.agreement(reference, ids)
     kv_rows[0]["same tokens as fp16 KV %"], kv_rows[0]["identical prefix (tokens)"] = 100.0, float(args.agree_tokens)
 
     import pandas as pd

@@ -29,7 +29,7 @@ import pytest
 from helpers import TINY
 from labkit import engine, kvcache, loadtest, procs, serve, tools, vision, webui
 from labkit.errors import LabkitError, OptionError, ServerError
-from labkit.gpu import memory_used_or_none
+from labkit.gpu import init_cuda_context, memory_used_or_none
 from test_serve import STANDIN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -456,7 +456,7 @@ def test_rerunning_every_start_cell(tiny_dir, standin):
 
 @pytest.mark.gpu
 def test_rerunning_the_engine_cell_does_not_double_gpu_memory():
-    engine._init_cuda_context()  # this process's CUDA context never goes back: not the engine's to return
+    init_cuda_context()  # this process's CUDA context never goes back: not the engine's to return
     before = Snapshot()
     first = engine.Engine(TINY, name="fault-engine", cache_ratio=0.1)
     used = memory_used_or_none()
