@@ -167,27 +167,21 @@ class HFEngine(Live):
         """Stream one reply: yields HFResponses whose .text is the new piece, the last with finish_reason;
         setting `stop` ends generate() after its current token (finish_reason 'abort', as lmdeploy says)."""
         kw = self._gen_kwargs(**gen)  # bad input fails here, before the generator starts
-        if stop is not None:
-            kw["stopping_criteria"] = _stop_when(stop)
         return self._stream(self.encode(prompt), kw, stop)
 
     def _stream(self, ids, kw: dict[str, Any], stop: threading.Event | None = None) -> Iterator[HFResponse]:
         streamer = _counting_streamer(self.tokenizer)
         result: dict[str, Any] = {}
-        stop = threading.Event()  # set when the caller stops early (break, Ctrl-C): generation ends at the next token
+        ended = threading.Event()  # set when the caller stops early (break, Ctrl-C): generation ends at the next token
+        criteria = _stop_when(ended, stop)
 
         def run():
             import torch
-            from transformers import StoppingCriteria, StoppingCriteriaList
-
-            class Stopped(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kwargs):
-                    return stop.is_set()
 
             try:
                 with torch.inference_mode():
                     result["out"] = self.model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                                        stopping_criteria=StoppingCriteriaList([Stopped()]), **kw)
+                                                        stopping_criteria=criteria, **kw)
             except BaseException as err:  # shown in the caller's thread
                 result["error"] = err
                 streamer.end()
@@ -199,7 +193,7 @@ class HFEngine(Live):
                 if piece:
                     yield HFResponse(piece, streamer.tokens, ids.shape[1])
         finally:
-            stop.set()
+            ended.set()
             while thread.is_alive():  # short joins, so that Ctrl-C is not held up until generation ends
                 thread.join(0.05)
         if "error" in result:
@@ -262,14 +256,18 @@ def _counting_streamer(tokenizer):
     return streamer
 
 
-def _stop_when(event: threading.Event):
-    """A transformers stopping criterion that ends generation once `event` is set (the Stop button)."""
+def _stop_when(*events: threading.Event | None):
+    """A transformers stopping criterion that ends generation once any of `events` is set (the Stop button, the
+    reader going away)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
+
+    watched = [e for e in events if e is not None]
 
     class _Stop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             import torch
 
-            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+            done = any(e.is_set() for e in watched)
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([_Stop()])

@@ -58,6 +58,18 @@ def test_baseline_stream_matches_generate(hf, capsys):
     assert shown.input_tokens == whole.input_token_len and 0 < shown.ttft_s <= shown.seconds
 
 
+def test_baseline_stream_stops_when_asked(hf):
+    """`stop` set mid-stream (the playground's Stop button): generation ends early, finish_reason 'abort'."""
+    import threading
+
+    stop, pieces = threading.Event(), []
+    for piece in hf.stream("stream me", stop=stop, max_new_tokens=200, temperature=0, ignore_eos=True):
+        pieces.append(piece)
+        if len(pieces) == 3:
+            stop.set()
+    assert pieces[-1].finish_reason == "abort" and pieces[-1].generate_token_len < 200
+
+
 def test_baseline_on_cpu_takes_no_gpu_memory(hf):
     assert hf.memory_before == hf.memory_after == 0
     assert hf.memory_gib == 0 and hf.describe()["GPU memory GiB"] == 0
