@@ -149,8 +149,9 @@ def parser():
 
         if "chat" not in CLI.subparsers.choices:
             CLI.add_parsers()
-        if "api_server" not in SubCliServe.subparsers.choices:
-            SubCliServe.add_parsers()
+        for name, add in (("api_server", SubCliServe.add_parser_api_server), ("proxy", SubCliServe.add_parser_proxy)):
+            if name not in SubCliServe.subparsers.choices:  # each on its own: another caller may have added one
+                add()
         if "auto_awq" not in SubCliLite.subparsers.choices:
             SubCliLite.add_parsers()
         _PARSER["p"] = CLI.parser

@@ -512,16 +512,13 @@ def test_open_to_the_network_warns(tiny_dir, standin, capsys):
 
 def test_api_server_command_line_is_what_lmdeploy_accepts(tiny_dir):
     """The command labkit builds, parsed by lmdeploy 0.18's own CLI parser (nothing runs)."""
-    from lmdeploy.cli.cli import CLI
-    from lmdeploy.cli.serve import SubCliServe
+    from labkit.commands import parser
 
-    if "api_server" not in SubCliServe.subparsers.choices:
-        SubCliServe.add_parser_api_server()
     argv = serve.api_server_args(tiny_dir, host="0.0.0.0", port=23333, backend="pytorch", model_name="tiny-chat",
                                  cache_ratio=0.4, quant_policy=8, session_len=4096, eager=True,
                                  tool_call_parser="qwen", api_keys=["k1", "k2"])
     assert argv[:3] == ["lmdeploy", "serve", "api_server"]
-    args = CLI.parser.parse_args(argv[1:])
+    args = parser().parse_args(argv[1:])
     assert (args.model_path, args.server_name, args.server_port, args.backend) == (str(tiny_dir), "0.0.0.0", 23333,
                                                                                    "pytorch")
     assert (args.model_name, args.cache_max_entry_count, args.quant_policy, args.session_len) == (
