@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labkit.engine import EngineError, check_gen, needs_remote_code
+from labkit.backends import needs_remote_code
+from labkit.engine import check_gen
+from labkit.errors import EngineError
 from labkit.live import Live
 
 
@@ -48,13 +50,13 @@ class HFEngine(Live):
         self.device = device or ("cuda" if has_cuda() else "cpu")
         close_baseline(name)  # re-running the cell that built it replaces it (and frees its memory) before the check
         if self.device.startswith("cuda"):
-            from labkit.engine import _init_cuda_context
+            from labkit.gpu import init_cuda_context
             from labkit.gpu import GiB, require_gpu
             from labkit.kvcache import weights_bytes
 
             require_gpu(min_free_gib=weights_bytes(self.model_dir) / GiB + 0.5,
                         what=f"loading {self.model_dir.name} with transformers")
-            _init_cuda_context(self.device)  # the CUDA context never goes back: count it before, not as ours
+            init_cuda_context(self.device)  # the CUDA context never goes back: count it before, not as ours
         self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -170,7 +172,8 @@ class HFEngine(Live):
     def _stream(self, ids, kw: dict[str, Any], stop: threading.Event | None = None) -> Iterator[HFResponse]:
         streamer = _counting_streamer(self.tokenizer)
         result: dict[str, Any] = {}
-        ended = threading.Event()  # set when the caller stops reading (break, Ctrl-C): generation ends at the next token
+        ended = threading.Event()  # set when the caller stops early (break, Ctrl-C): generation ends at the next token
+        criteria = _stop_when(ended, stop)
 
         def run():
             import torch
@@ -178,7 +181,7 @@ class HFEngine(Live):
             try:
                 with torch.inference_mode():
                     result["out"] = self.model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                                        stopping_criteria=_stop_when(ended, stop), **kw)
+                                                        stopping_criteria=criteria, **kw)
             except BaseException as err:  # shown in the caller's thread
                 result["error"] = err
                 streamer.end()
@@ -254,17 +257,17 @@ def _counting_streamer(tokenizer):
 
 
 def _stop_when(*events: threading.Event | None):
-    """A transformers stopping criterion that ends generation once any of `events` is set (the Stop button, or
-    the reader stopping early: break, Ctrl-C)."""
+    """A transformers stopping criterion that ends generation once any of `events` is set (the Stop button, the
+    reader going away)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    events = tuple(e for e in events if e is not None)
+    watched = [e for e in events if e is not None]
 
     class _Stop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             import torch
 
-            hit = any(e.is_set() for e in events)
-            return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
+            done = any(e.is_set() for e in watched)
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([_Stop()])

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from labkit.engine import EngineError, check_gen
-from labkit.errors import LabkitError
+from labkit.engine import check_gen
+from labkit.errors import EngineError, LabkitError
 
 COLUMNS = ["engine", "batch", "output tok/s", "TTFT ms", "total s", "repeats", "prompt tokens", "new tokens"]
 
@@ -42,7 +42,7 @@ def _tokenizer(engine: Any):
         return engine.tokenizer
     from transformers import AutoTokenizer
 
-    from labkit.engine import needs_remote_code
+    from labkit.backends import needs_remote_code
 
     return AutoTokenizer.from_pretrained(engine.model_dir, trust_remote_code=needs_remote_code(engine.model_dir))
 
@@ -337,41 +337,3 @@ def overhead(model: Any, batch: int = 8, new_tokens: int = 64, pairs: int = 21) 
     finally:
         if own:
             eng.close()
-
-
-def markdown(table) -> str:
-    """A DataFrame as a GitHub markdown table (numbers with thousands separators)."""
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
-        return str(v)
-
-    cols = [str(c) for c in table.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-def report_header(script: str, argv: list[str] | None, gpu_name: str, model: str, model_dir: str | Path,
-                  setup: str, seconds: float) -> tuple[str, str]:
-    """(a benchmark section's first line: GPU, model, setup, versions, time; the command line that ran it)."""
-    import shlex
-    import sys
-
-    from labkit.evidence import versions
-
-    installed = ", ".join(f"{pkg} {v or '-'}" for pkg, v in versions().items())
-    command = " ".join(["python", script, *(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))])
-    line = f"GPU: {gpu_name}; model `{model}` ({Path(model_dir).name}); {setup}; {installed}; {seconds:.0f} s in all."
-    return line, command
-
-
-def report(text: str, out: str | Path | None = None) -> str:
-    """Print a benchmark's markdown section and, if `out` is given, write it there; return the text."""
-    print("\n" + text)
-    if out:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
-        print(f"written to {out}")
-    return text

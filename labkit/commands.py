@@ -149,8 +149,9 @@ def parser():
 
         if "chat" not in CLI.subparsers.choices:
             CLI.add_parsers()
-        if "api_server" not in SubCliServe.subparsers.choices:
-            SubCliServe.add_parsers()
+        for name, add in (("api_server", SubCliServe.add_parser_api_server), ("proxy", SubCliServe.add_parser_proxy)):
+            if name not in SubCliServe.subparsers.choices:  # each on its own: another caller may have added one
+                add()
         if "auto_awq" not in SubCliLite.subparsers.choices:
             SubCliLite.add_parsers()
         _PARSER["p"] = CLI.parser
@@ -263,7 +264,7 @@ def render(messages: list[dict], model: str | Path, config=None) -> str:
     """The prompt lmdeploy builds from `messages` for the model (its chat template, or `config`'s)."""
     from lmdeploy.model import get_chat_template
 
-    from labkit.engine import needs_remote_code
+    from labkit.backends import needs_remote_code
 
     remote = needs_remote_code(model)  # InternLM2.5's tokenizer is remote code, as lmdeploy loads it with the flag
     with contextlib.redirect_stderr(io.StringIO()):
@@ -333,7 +334,8 @@ def chat_commands(model_dir: str | Path):
     """`lmdeploy chat` for each backend: the command where it can run here, else why not (a table)."""
     import pandas as pd
 
-    from labkit.engine import EngineError, chat_command
+    from labkit.engine import chat_command
+    from labkit.errors import EngineError
     from labkit.gpu import has_cuda
 
     rows, gpu = [], has_cuda()

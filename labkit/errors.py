@@ -19,3 +19,7 @@ class OptionError(InputError):
 
 class ServerError(LabkitError, RuntimeError):
     """A server could not start or stopped unexpectedly; the message says why and what to do."""
+
+
+class EngineError(LabkitError, RuntimeError):
+    """An engine could not be built or used; the message says what to do."""

@@ -222,3 +222,10 @@ def wait_for_memory_release(baseline: int, index: int = 0, slack: int = 256 * 10
         time.sleep(0.25)
         used = memory_used(index)
     return used
+
+
+def init_cuda_context(device: str = "cuda") -> None:
+    """Create the CUDA context on `device` now (it never goes back), so no engine counts it as its own."""
+    import torch
+
+    torch.empty(1, device=device)

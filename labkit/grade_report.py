@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from labkit.rubric import Rubric, get
+from labkit.scoring import UNCREDIT, WHY
 
 if TYPE_CHECKING:
-    from labkit.grade import Grade
+    from labkit.scoring import Grade
 
 COLOURS = {"passed": "#d4edda", "failed": "#fff3cd", "missing": "#eeeeee", "flagged": "#f8d7da"}
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}.wide{overflow-x:auto}
@@ -43,8 +44,6 @@ def _gpu(rec: dict) -> str:
 
 def _trusted(g: Grade) -> dict[str, list[dict]]:
     """Records of labs whose evidence was not flagged (the plots show only what can be believed)."""
-    from labkit.grade import UNCREDIT
-
     bad_sub = any(f.kind in UNCREDIT for f in g.findings.get("submission", []))
     return {lab: recs for lab, recs in g.records.items()
             if not bad_sub and not any(f.kind in UNCREDIT - {"generated"} for f in g.findings.get(lab, []))}
@@ -142,8 +141,6 @@ def _student(g: Grade) -> str:
     rows = "".join(f"<tr style='background:{COLOURS[r.status]}'><td>{e(r.item.title)}</td><td>{r.score:g} / "
                    f"{r.item.points:g}</td><td>{e(r.status)}</td><td>{e(r.text)}</td></tr>" for r in g.items)
     notes = [(f.kind, f.text) for fs in g.findings.values() for f in fs]
-    from labkit.grade import UNCREDIT, WHY
-
     lines = "".join(f"<li class='{'flag' if k in UNCREDIT else 'warn'}'>{e(WHY.get(k, 'note'))}: {e(t)}</li>"
                     for k, t in notes)
     absent = sorted({r.item.notebook for r in g.items if r.status == "missing" and r.item.notebook not in g.records})

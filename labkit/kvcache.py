@@ -1,7 +1,7 @@
 """KV-cache arithmetic: bytes per token for a model and a quant policy, and how many tokens a
 cache ratio buys on a GPU — predicted before any engine starts. Used by lab 00 (budget) and
 lab 04: `predict` mirrors lmdeploy 0.18's PyTorch engine exactly (blocks, tokens, bytes),
-`engine_capacity` reads what a running engine allocated, `sweep` measures both side by side.
+`engine_capacity` reads what a running engine allocated; labkit.kvsweep measures both side by side.
 """
 from __future__ import annotations
 
@@ -224,11 +224,10 @@ def free_after_weights(model_dir: str | Path, context_bytes: int | None = None) 
     does the same before it starts), so nothing more is subtracted. For an engine in a new process (a
     server), pass CUDA_CONTEXT_BYTES.
     """
-    from labkit.engine import _init_cuda_context
-    from labkit.gpu import memory_free
+    from labkit.gpu import init_cuda_context, memory_free
 
     if context_bytes is None:
-        _init_cuda_context()
+        init_cuda_context()
         context_bytes = 0
     return memory_free() - weights_bytes(model_dir) - context_bytes
 
@@ -323,74 +322,3 @@ def capacity_table(model_dir: str | Path, ratios=(0.8, 0.4, 0.1), policies=tuple
                          "tokens that fit": got["tokens"],
                          "bytes per token": bytes_per_token(shape, p, kw.get("block_size"))})
     return pd.DataFrame(rows).round(2)
-
-
-def agreement(reference: list[list[int]], other: list[list[int]]) -> tuple[float, float]:
-    """(% of positions with the same token, mean length of the identical prefix) of two greedy outputs."""
-    same = total = prefix = 0
-    for a, b in zip(reference, other):
-        n = min(len(a), len(b))
-        same += sum(x == y for x, y in zip(a[:n], b[:n]))
-        total += max(len(a), len(b))
-        k = next((i for i in range(n) if a[i] != b[i]), n)
-        prefix += k
-    return (100.0 * same / total if total else float("nan"), prefix / max(len(reference), 1))
-
-
-def measure_engine(eng, prompts: list[str], concurrency: int = 32, new_tokens: int = 256, repeats: int = 2,
-                   agree_tokens: int = 64, predicted: dict | None = None, tok_s: float | None = None,
-                   prompt_tokens: int = 128):
-    """(row, greedy token ids) for a running engine: KV allocated (vs predicted), memory, tok/s at `concurrency`."""
-    from labkit import bench
-
-    cap = engine_capacity(eng)
-    if tok_s is None:
-        speed = bench.measure(eng, batch_sizes=(concurrency,), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                              repeats=repeats)
-        tok_s = float(speed["output tok/s"].iloc[0])
-    replies = eng.generate(list(prompts), max_new_tokens=agree_tokens, temperature=0, ignore_eos=True)
-    row = {"ratio": cap["ratio"], "quant_policy": cap["quant_policy"], "kv": QUANT_POLICIES[cap["quant_policy"]],
-           "GPU memory GiB": eng.memory_gib, "KV cache GiB": cap["kv_bytes"] / 1024**3, "blocks": cap["blocks"],
-           "tokens that fit": cap["tokens"], "tokens per KV GiB": cap["tokens"] / (cap["kv_bytes"] / 1024**3),
-           f"tok/s at {concurrency} concurrent": tok_s}
-    if predicted is not None:
-        row["predicted tokens"] = predicted["tokens"]
-        row["prediction error %"] = 100 * (predicted["tokens"] - cap["tokens"]) / cap["tokens"]
-    return row, [list(r.token_ids) for r in replies]
-
-
-def check_runs(runs) -> list[tuple[float, int]]:
-    """(ratio, policy) pairs checked for the PyTorch engine, fp16 first; a ValueError before anything starts."""
-    runs = [(check_ratio(r, "pytorch"), check_policy(p)) for r, p in runs]
-    if not any(p == 0 for _, p in runs):
-        raise OptionError("runs need a quant_policy 0 run: its greedy outputs are the reference for agreement")
-    first = next(i for i, (_, p) in enumerate(runs) if p == 0)
-    return [runs[first]] + runs[:first] + runs[first + 1:]
-
-
-def sweep(model: str | Path, runs, prompts: list[str], concurrency: int = 32, new_tokens: int = 256,
-          repeats: int = 2, agree_tokens: int = 64, backend: str = "pytorch", name: str = "kv-sweep",
-          prompt_tokens: int = 128):
-    """One engine per (ratio, quant_policy): predicted vs allocated KV, GPU memory, speed, agreement with fp16 KV."""
-    import pandas as pd
-
-    from labkit import bench
-    from labkit.engine import Engine
-    from labkit.models import resolve
-
-    runs = check_runs(runs)  # every run checked before the first start
-    bench.check_sizes((concurrency,), prompt_tokens, new_tokens, 1, repeats)
-    model_dir = resolve(str(model))
-    rows, reference, outputs = [], None, {}
-    for ratio, policy in runs:
-        predicted = predict(model_dir, ratio, policy)
-        with Engine(model_dir, backend=backend, name=name, cache_ratio=ratio, quant_policy=policy) as eng:
-            row, ids = measure_engine(eng, prompts, concurrency, new_tokens, repeats, agree_tokens, predicted,
-                                      prompt_tokens=prompt_tokens)
-        reference = reference if reference is not None else ids
-        row["same tokens as fp16 KV %"], row["identical prefix (tokens)"] = agreement(reference, ids)
-        outputs[(ratio, policy)] = ids
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    table.attrs.update(outputs=outputs, model=model_dir.name, agree_tokens=agree_tokens)
-    return table.round(3)

@@ -62,7 +62,7 @@ def size_bars(sizes, ax=None) -> None:
 
 def kv_sweep(runs) -> None:
     """Lab 04's sweep: the engine's GPU memory against cache_max_entry_count, and tokens per GiB of KV cache,
-    per KV policy (`kvcache.sweep`)."""
+    per KV policy (`kvsweep.sweep`)."""
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))

@@ -204,7 +204,8 @@ class Group:
         self.server_args = server_args
         if not isinstance(heartbeat, int) or heartbeat < 1:
             raise ProxyError(f"heartbeat must be a whole number of seconds >= 1, not {heartbeat!r}")
-        from labkit.engine import check_backend, check_options
+        from labkit.backends import check_backend
+        from labkit.engine import check_options
         from labkit.gpu import gpus
         from labkit.live import replace_earlier
         from labkit.models import resolve

@@ -13,6 +13,7 @@ from typing import Any
 
 from labkit import evidence
 from labkit.rubric import MISSING, Rubric, get
+from labkit.scoring import score_item
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,8 +97,6 @@ def rerun_sample(subs: list, grades: list, rubric: Rubric, n: int, seed: int | N
                     Finding("inconsistent", f"re-run here disagrees: {fig['step']}.{fig['value']}: {text}"))
         lines += [f"{sub.student}: {t}" for t in g.rerun]
     if any("DIFFERS" in t for t in lines):  # a re-run that disagrees takes the credit of the whole submission
-        from labkit.grade import score_item
-
         for g in grades:
             if any("DIFFERS" in t for t in g.rerun):
                 g.items = [score_item(r.item, g.findings, g.records, rubric) for r in g.items]

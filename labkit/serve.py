@@ -13,7 +13,8 @@ loading and a second Server with the same name stop it too. Every server is regi
 `labkit servers` lists them and `labkit servers --stop` stops strays.
 
 The other seams live in their own modules and are re-exported here: ports, URLs and clients (labkit.net),
-process groups and the watchdog (labkit.procs), the registry and `labkit servers` (labkit.registry).
+process groups and the watchdog (labkit.procs), the registry and `labkit servers` (labkit.registry), the
+api_server command line and served names (labkit.server_args), reading and echoing its log (labkit.logtail).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from labkit.diagnose import diagnose  # noqa: F401  (labkit.serve.diagnose is pu
 from labkit.errors import ServerError
 from labkit.gpu import GiB, memory_used_or_none, process_memory, require_gpu
 from labkit.live import Live
+from labkit.logtail import LogEcho, tail_lines
 from labkit.net import (LOCAL_HOSTS, check_port, curl, curl_command, free_port, models_listed,  # noqa: F401
                         openai_client, stream_text, url_host)
 from labkit.procs import (STOP_GRACE_S, WATCH_INTERVAL_S, _signal_group, group_listens, group_members,  # noqa: F401
@@ -39,6 +41,7 @@ from labkit.procs import (STOP_GRACE_S, WATCH_INTERVAL_S, _signal_group, group_l
 from labkit.registry import (_cli_servers, add_cli, entry_for, lmdeploy_processes, registry_dir,  # noqa: F401
                              servers, servers_table, stop_registered, write_entry)
 from labkit.registry import state as _state  # noqa: F401
+from labkit.server_args import api_server_args, served_name  # noqa: F401  (labkit.serve.api_server_args is public)
 
 
 class Server(Live):
@@ -54,7 +57,8 @@ class Server(Live):
                  eager: bool | None = None, log_level: str = "INFO", show: bool = True,
                  command: list[str] | None = None, stop_grace: float = STOP_GRACE_S, check_gpu: bool = True,
                  env: dict[str, str] | None = None):
-        from labkit.engine import check_backend, check_options, choose_backend, default_eager
+        from labkit.backends import check_backend, choose_backend
+        from labkit.engine import check_options, default_eager
         from labkit.models import resolve
 
         self.name, self.host, self.show, self.stop_grace = name, host, show, stop_grace
@@ -81,7 +85,7 @@ class Server(Live):
 
             check_parser(tool_call_parser)
         self.tool_call_parser = tool_call_parser
-        self.model_name = model_name or _served_name(str(model), self.model_dir)
+        self.model_name = model_name or served_name(str(model), self.model_dir)
         self._expect_model = self.model_name if command is None else None  # what /v1/models must list
         # 2. Re-running the cell that started it replaces it (and frees its port).
         stop_server(name)
@@ -196,7 +200,7 @@ class Server(Live):
 
     def log_tail(self, n: int = 20) -> str:
         """The last `n` lines of the server's log."""
-        return "".join(_tail_lines(self.log_path, n))
+        return "".join(tail_lines(self.log_path, n))
 
     @property
     def memory(self) -> int | None:
@@ -257,21 +261,12 @@ class Server(Live):
         from tqdm.auto import tqdm
 
         start = time.monotonic()
-        pos, shown, skipped = 0, 0, 0
-        max_shown = 80
         bar = tqdm(total=int(timeout), desc=f"starting {self.name}: waiting for /v1/models", disable=not self.show,
                    bar_format="{desc} ({elapsed})", leave=False, mininterval=1.0)
+        echo = LogEcho(self.log_path, bar.write, self.show)
         try:
             while True:
-                lines, pos = _read_new(self.log_path, pos)
-                for line in lines:
-                    if "%|" in line and "100%|" not in line:  # progress bars drawn with \r: only the end
-                        continue
-                    if self.show and shown < max_shown:
-                        bar.write("  | " + line[:200])
-                        shown += 1
-                    else:
-                        skipped += 1
+                echo.pump()
                 bar.update(min(int(time.monotonic() - start), int(timeout)) - bar.n)
                 if self._proc.poll() is not None:
                     time.sleep(0.2)  # let the last lines reach the log
@@ -285,8 +280,8 @@ class Server(Live):
                 time.sleep(0.25)
         finally:
             bar.close()
-        if skipped and self.show:
-            print(f"  | ... {skipped} more log lines in {self.log_path}")
+        if echo.skipped and self.show:
+            print(f"  | ... {echo.skipped} more log lines in {self.log_path}")
 
     def _died(self) -> ServerError:
         tail = self.log_tail(20)
@@ -332,42 +327,6 @@ class Server(Live):
         return f"Server({self.name!r}, {self.model_name}, {self.base_url}, {state})"
 
 
-def api_server_args(model_dir: str | Path, *, host: str, port: int, backend: str, model_name: str,
-                    cache_ratio: float = 0.8, quant_policy: int = 0, session_len: int | None = None, tp: int = 1,
-                    eager: bool = False, tool_call_parser: str | None = None, api_keys: list[str] | tuple = (),
-                    log_level: str = "INFO", extra_args: list[str] | tuple = ()) -> list[str]:
-    """The `lmdeploy serve api_server ...` command line (as a list) for these options."""
-    argv = ["lmdeploy", "serve", "api_server", str(model_dir), "--server-name", host, "--server-port", str(port),
-            "--backend", backend, "--model-name", model_name, "--cache-max-entry-count", str(cache_ratio),
-            "--quant-policy", str(quant_policy), "--log-level", log_level.upper()]
-    from labkit.engine import needs_remote_code
-
-    if needs_remote_code(model_dir):  # as Engine does: lmdeploy 0.18 defaults --trust-remote-code to off
-        argv.append("--trust-remote-code")
-    if session_len is not None:
-        argv += ["--session-len", str(session_len)]
-    if tp != 1:
-        argv += ["--tp", str(tp)]
-    if eager:
-        argv.append("--eager-mode")
-    if tool_call_parser:
-        argv += ["--tool-call-parser", tool_call_parser]
-    if api_keys:
-        argv += ["--api-keys", *api_keys]
-    return argv + list(extra_args)
-
-
-def _served_name(model: str, model_dir: Path) -> str:
-    """What clients call the model: the catalogue / generated / hub name, else the folder's name."""
-    if model.startswith("generated:"):
-        return model.split(":", 1)[1]
-    path = Path(model).expanduser()
-    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
-        return path.parent.parent.name.split("--")[-1]  # a Hugging Face cache snapshot
-    tail = model.rstrip("/").split("/")[-1]
-    return tail if tail and not tail.startswith(".") else model_dir.name
-
-
 _live = Server._live  # name -> running Server (labkit.live.Live keeps it)
 
 
@@ -411,32 +370,6 @@ def _install_handlers() -> None:
     if threading.current_thread() is threading.main_thread():
         _handlers["previous"] = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-# ----------------------------------------------------------------------------- logs and causes
-
-def _read_new(path: Path, pos: int) -> tuple[list[str], int]:
-    """Complete new lines of a growing file from byte offset `pos`; the new offset."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(pos)
-            data = f.read()
-    except FileNotFoundError:
-        return [], pos
-    end = data.rfind(b"\n") + 1
-    text = data[:end].decode("utf-8", "replace").replace("\r", "\n")
-    return [ln for ln in text.split("\n") if ln.strip()], pos + end
-
-
-def _tail_lines(path: Path, n: int) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 256 * 1024))
-            data = f.read().decode("utf-8", "replace").replace("\r", "\n")
-    except FileNotFoundError:
-        return []
-    return [ln + "\n" for ln in data.split("\n") if ln.strip()][-n:]
 
 
 def _main(argv: list[str]) -> int:

@@ -23,10 +23,10 @@ from typing import Any
 
 from labkit.errors import InputError, LabkitError
 from labkit.live import Live
+from labkit.webui_client import (DEFAULTS, UnknownParameterError, _ui_client, ask, pick_model,  # noqa: F401
+                                 retry)  # driving the app from code, under the names notebooks 02 and 05 use
 from labkit.webui_files import (UploadError, _is_upload, _text, build_messages, check_history,  # noqa: F401
                                 check_upload, file_part, message_content, upload_dir, uploaded_file)
-
-DEFAULTS = {"max_new_tokens": 256, "top_p": 0.8, "top_k": 40, "temperature": 0.7}
 
 
 class AuthError(InputError):
@@ -187,6 +187,14 @@ class WebUI(Live):
         self.app, self.url, self.share_url, self.auth = app, url, share_url, auth
         self._client = None  # the gradio_client session that ask / retry use
 
+    def gradio_session(self):
+        """The gradio_client.Client that ask / retry share for this app (made on first use)."""
+        if self._client is None:
+            from gradio_client import Client
+
+            self._client = Client(self.url, verbose=False, auth=self.auth)
+        return self._client
+
     def close(self) -> None:
         """Stop the web server."""
         self._forget()
@@ -314,6 +322,3 @@ def add_cli(sub) -> None:
     p.add_argument("--vision", action="store_true", help="add an image upload (for a vision-language model)")
     p.set_defaults(func=_cli)
 
-
-# Driving the app from code (labkit.webui_client), under the names notebooks 02 and 05 use.
-from labkit.webui_client import UnknownParameterError, _ui_client, ask, pick_model, retry  # noqa: E402,F401

@@ -7,6 +7,9 @@ from typing import Any
 
 from labkit.errors import InputError
 
+# The app's generation parameters and their defaults, in the order its API takes them (labkit.webui's sliders).
+DEFAULTS = {"max_new_tokens": 256, "top_p": 0.8, "top_k": 40, "temperature": 0.7}
+
 
 class UnknownParameterError(InputError, TypeError):
     """A generation parameter the web UI does not have (max_tokens instead of max_new_tokens, ...)."""
@@ -16,21 +19,15 @@ def _ui_client(ui: Any):
     """A gradio_client.Client for a running app: a Client as it is, a WebUI handle, or the app's URL."""
     if hasattr(ui, "predict") and hasattr(ui, "submit"):
         return ui
+    if callable(getattr(ui, "gradio_session", None)):  # a WebUI: one session per handle, so ask and retry
+        return ui.gradio_session()                       # share the conversation
     from gradio_client import Client
 
-    from labkit.webui import WebUI
-
-    if isinstance(ui, WebUI):  # one session per handle, so ask and retry share the conversation
-        if ui._client is None:
-            ui._client = Client(ui.url, verbose=False, auth=ui.auth)
-        return ui._client
     return Client(str(ui), verbose=False)
 
 
 def _gen_args(gen: dict) -> list:
     """max_new_tokens, top_p, top_k, temperature in the app's order (DEFAULTS for those not given)."""
-    from labkit.webui import DEFAULTS
-
     unknown = set(gen) - set(DEFAULTS)
     if unknown:
         hint = " (use max_new_tokens, lmdeploy's name for OpenAI's max_tokens)" if "max_tokens" in unknown else ""

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing labkit
+from labkit import benchdoc
 from labkit.cli import run_script
 
 
@@ -65,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     table = lmd_table if hf_table is None else bench.compare(hf_table, lmd_table)
     print(table.to_string(index=False))
 
-    header, command = bench.report_header(
+    header, command = benchdoc.report_header(
         "scripts/bench_chat.py", argv, gpu.name, args.model, model_dir,
         f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (ignore_eos), warm-up {args.warmup}, "
         f"median of {args.repeats}; " + ("" if hf_table is None else "transformers `generate` (bf16) vs ")
         + f"LMDeploy's {lmd_table['engine'].iloc[0].split()[-1]} engine", time.perf_counter() - start)
-    lines = [header, "", bench.markdown(table.rename(columns=lambda c: c.replace("TTFT ms", "TTFT ms (median)"))), ""]
+    lines = [header, "", benchdoc.markdown(table.rename(columns=lambda c: c.replace("TTFT ms", "TTFT ms (median)"))), ""]
     if roof is not None:
         lines += [f"Batch-1 decode roofline: {roof.attrs['bandwidth_GBps']:,.0f} GB/s measured bandwidth / "
                   f"{roof.attrs['weights_GB']:.2f} GB of weights = {roof['roofline tok/s'].iloc[0]:,.0f} tokens/s; "
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{over['noise % (IQR of pairs)']:.2f} %), of which labkit's own work "
                   f"{over['labkit work per call µs']:.0f} µs per call = {over['labkit work %']:.3f} %.", ""]
     lines += ["Command:", "", "```bash", command, "```", ""]
-    bench.report("\n".join(lines), args.out)
+    benchdoc.report("\n".join(lines), args.out)
     return 0
 
 

@@ -15,12 +15,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing labkit
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quant import write_section  # noqa: E402
-
+from labkit import benchdoc  # noqa: E402
 from labkit.cli import run_script  # noqa: E402
 
-BEGIN, END = "<!-- bench_engines: begin -->", "<!-- bench_engines: end -->"
+BEGIN, END = benchdoc.markers("bench_engines")
 ENGINES = ("turbomind", "pytorch")
 
 
@@ -37,19 +35,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="cache_max_entry_count (small: memory after load is then mostly weights + runtime)")
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seqlen", type=int, default=256)
-    p.add_argument("--out", type=Path, help="write the markdown section here")
-    p.add_argument("--append", type=Path, help="put the section into this file (replacing an earlier one)")
-    p.add_argument("--from-file", type=Path, help="measure nothing: put this earlier --out file into --append")
+    benchdoc.add_output_args(p)
     args = p.parse_args(argv)
-    if args.from_file:
-        if not args.append:
-            p.error("--from-file needs --append FILE")
-        write_section(args.append, args.from_file.read_text(encoding="utf-8"), BEGIN, END)
-        print(f"section from {args.from_file} written to {args.append}")
+    if benchdoc.merge_from_file(p, args, BEGIN, END):
         return 0
 
     from labkit import bench, kvcache, models, quant
-    from labkit.engine import TURBOMIND_HOWTO, Engine, turbomind_missing
+    from labkit.backends import TURBOMIND_HOWTO, turbomind_missing
+    from labkit.engine import Engine
     from labkit.gpu import require_gpu
 
     start = time.perf_counter()
@@ -105,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             and pd.notna(r[col]) and pd.notna(base[r["engine"]]) else None for _, r in table.iterrows()]
     print(table.to_string(index=False))
 
-    header, command = bench.report_header(
+    header, command = benchdoc.report_header(
         "scripts/bench_engines.py", argv, gpu.name, args.model, model_dir,
         f"TurboMind and the PyTorch engine (CUDA graphs), cache_max_entry_count {ratio}; prompt "
         f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens (ignore_eos), warm-up {args.warmup}, median of "
@@ -115,11 +108,8 @@ def main(argv: list[str] | None = None) -> int:
              "GPU memory is what each engine took when it started (NVML): weights, runtime buffers and a KV cache "
              f"of {ratio} of the free memory. Start time includes loading the weights (and, for the PyTorch engine, "
              "capturing CUDA graphs). Random weights: speed and memory are real, the text is not.", "",
-             bench.markdown(table), "", "Command:", "", "```bash", command, "```", END, ""]
-    text = bench.report("\n".join(lines), args.out)
-    if args.append:
-        write_section(args.append, text, BEGIN, END)
-        print(f"section written to {args.append}")
+             benchdoc.markdown(table), "", "Command:", "", "```bash", command, "```", END, ""]
+    benchdoc.publish("\n".join(lines), args, BEGIN, END)
     return 0
 
 

@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing labkit
+from labkit import benchdoc
 from labkit.cli import run_script
 
-BEGIN, END = "<!-- bench_quant: begin -->", "<!-- bench_quant: end -->"
+BEGIN, END = benchdoc.markers("bench_quant")
 PROMPTS = ["Explain what a KV cache stores.", "Write a haiku about memory.", "List three uses of a GPU.",
            "What is quantization, in one sentence?", "Describe the sea to someone who has never seen it.",
            "Give two reasons to serve a model behind an API.", "Summarise the idea of attention.",
@@ -41,23 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="pytorch", choices=["auto", "turbomind", "pytorch"],
                    help="engine for bf16 vs AWQ (the KV-cache part always runs on the PyTorch engine: its KV blocks "
                         "and labkit's predictor are that engine's); both engines side by side: bench_engines.py")
-    p.add_argument("--out", type=Path, help="write the markdown section here")
-    p.add_argument("--append", type=Path, help="append the section to this file (replacing an earlier one)")
-    p.add_argument("--from-file", type=Path, help="measure nothing: put this earlier --out file into --append")
+    benchdoc.add_output_args(p)
     args = p.parse_args(argv)
-    if args.from_file:  # e.g. the GPU runner wrote --out $OUT/bench-quant.md; merge it here
-        if not args.append:
-            p.error("--from-file needs --append FILE")
-        write_section(args.append, args.from_file.read_text(encoding="utf-8"))
-        print(f"section from {args.from_file} written to {args.append}")
+    if benchdoc.merge_from_file(p, args, BEGIN, END):  # e.g. the GPU runner wrote --out $OUT/...; merge it here
         return 0
 
-    from labkit import bench, kvcache, models, quant
+    from labkit import bench, kvcache, kvsweep, models, quant
     from labkit.engine import Engine
     from labkit.gpu import require_gpu
 
     start = time.perf_counter()
-    ratio = kvcache.check_runs([(args.cache_ratio, 0)])[0][0]  # bad settings fail before anything loads
+    ratio = kvsweep.check_runs([(args.cache_ratio, 0)])[0][0]  # bad settings fail before anything loads
     bench.check_sizes(tuple(args.batches) + (args.concurrency,), args.prompt_tokens, args.new_tokens, 1, args.repeats)
     gpu = require_gpu(what="the quantization benchmark")
     print(f"GPU: {gpu.name} ({gpu.total_gib:.0f} GiB), driver {gpu.driver}", flush=True)
@@ -84,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             row = quant.profile_engine(eng, **measure)
             if label == "bf16" and eng.backend == "pytorch":  # this engine is also the fp16-KV reference
                 same_batch = args.concurrency in args.batches
-                kv_row, reference = kvcache.measure_engine(
+                kv_row, reference = kvsweep.measure_engine(
                     eng, PROMPTS, args.concurrency, args.new_tokens, args.repeats, args.agree_tokens, predicted,
                     tok_s=row[f"tok/s batch {args.concurrency}"] if same_batch else None,
                     prompt_tokens=args.prompt_tokens)
@@ -96,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         predicted = kvcache.predict(model_dir, ratio, policy)
         with Engine(model_dir, quant_policy=policy, **kv_kw) as eng:
             stamp(f"kv policy {policy} engine up in {eng.start_seconds:.0f} s")
-            kv_row, ids = kvcache.measure_engine(eng, PROMPTS, args.concurrency, args.new_tokens, args.repeats,
+            kv_row, ids = kvsweep.measure_engine(eng, PROMPTS, args.concurrency, args.new_tokens, args.repeats,
                                                  args.agree_tokens, predicted, prompt_tokens=args.prompt_tokens)
         kv_rows.append(kv_row)
         stamp(f"kv {policy}: {kv_row}")
         if reference is None:
             reference = ids
             continue
-        kv_row["same tokens as fp16 KV %"], kv_row["identical prefix (tokens)"] = kvcache.agreement(reference, ids)
+        kv_row["same tokens as fp16 KV %"], kv_row["identical prefix (tokens)"] = kvsweep.agreement(reference, ids)
     kv_rows[0]["same tokens as fp16 KV %"], kv_rows[0]["identical prefix (tokens)"] = 100.0, float(args.agree_tokens)
 
     import pandas as pd
@@ -115,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     print(weights.to_string(index=False))
     print(kv.to_string(index=False))
 
-    header, command = bench.report_header(
+    header, command = benchdoc.report_header(
         "scripts/bench_quant.py", argv, gpu.name, args.model, model_dir,
         f"LMDeploy {weights_rows[0].get('engine', args.backend)} engine for bf16 vs AWQ, PyTorch engine for the KV "
         f"cache, cache_max_entry_count {ratio}, {'eager' if args.eager else 'CUDA graphs'}; "
@@ -130,31 +125,15 @@ def main(argv: list[str] | None = None) -> int:
              f"weights + runtime buffers. Perplexity: lmdeploy `get_ppl` on labkit/data/heldout.txt "
              f"({args.ppl_windows} windows of 512 tokens; random weights, so only the two models' ratio means "
              f"something).", "",
-             bench.markdown(weights.round(2)), "",
+             benchdoc.markdown(weights.round(2)), "",
              f"KV cache at the same ratio ({ratio}), bf16 weights: blocks of 64 tokens read from the engine, "
              f"labkit's prediction made before each start, tokens/s with {args.concurrency} concurrent requests, "
              f"greedy replies to {len(PROMPTS)} prompts ({args.agree_tokens} tokens) compared position by position "
              f"with fp16 KV.", "",
-             bench.markdown(kv.round(2)), "",
+             benchdoc.markdown(kv.round(2)), "",
              "Command:", "", "```bash", command, "```", END, ""]
-    text = bench.report("\n".join(lines), args.out)
-    if args.append:
-        write_section(args.append, text)
-        print(f"section written to {args.append}")
+    benchdoc.publish("\n".join(lines), args, BEGIN, END)
     return 0
-
-
-def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
-    """Put `text` (which starts with `begin` and ends with `end`) into `path`, replacing an earlier run's section."""
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    if begin in old and end in old:
-        head, rest = old.split(begin, 1)
-        new = head + text.rstrip("\n") + rest.split(end, 1)[1]
-    else:
-        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new, encoding="utf-8")
-
 
 
 if __name__ == "__main__":

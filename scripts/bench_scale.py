@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing labkit
+from labkit import benchdoc
 from labkit.cli import run_script
 
-BEGIN, END = "<!-- bench_scale: begin -->", "<!-- bench_scale: end -->"
+BEGIN, END = benchdoc.markers("bench_scale")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,18 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-requests", type=int, default=1500, help="requests of the kill test (outlast the heartbeat)")
     p.add_argument("--kill-at", type=float, default=3.0)
     p.add_argument("--forms", type=int, default=4, help="structured-output requests with and without the schema")
-    p.add_argument("--out", type=Path, help="write the markdown section here")
-    p.add_argument("--append", type=Path, help="append the section to this file (replacing an earlier one)")
-    p.add_argument("--from-file", type=Path, help="measure nothing: put this earlier --out file into --append")
+    benchdoc.add_output_args(p)
     args = p.parse_args(argv)
-    if args.from_file:
-        if not args.append:
-            p.error("--from-file needs --append FILE")
-        write_section(args.append, args.from_file.read_text(encoding="utf-8"))
-        print(f"section from {args.from_file} written to {args.append}")
+    if benchdoc.merge_from_file(p, args, BEGIN, END):  # e.g. the GPU runner wrote --out $OUT/...; merge it here
         return 0
 
-    from labkit import bench, models, proxy, scale, structured
+    from labkit import models, proxy, scale, structured
     from labkit.gpu import gpus, require_gpu
 
     start = time.perf_counter()
@@ -88,45 +83,30 @@ def main(argv: list[str] | None = None) -> int:
         kill_row = {k: kill["summary"][k] for k in ("requests", "ok", "failed", "retries", "killed at s",
                                                     "proxy dropped it after s", "heartbeat s")}
         kill_lines = [f"One server SIGKILLed {args.kill_at} s into a load test through the `random` proxy (clients "
-                      "retry twice what got no text):", "", bench.markdown(pd.DataFrame([kill_row])), "",
-                      bench.markdown(kill["by phase"]), ""]
+                      "retry twice what got no text):", "", benchdoc.markdown(pd.DataFrame([kill_row])), "",
+                      benchdoc.markdown(kill["by phase"]), ""]
     prefix_lines = [] if prefix is None else [
         f"Prefix caching: a {args.system_words}-word system prompt shared by every request, one request at a "
         f"time, server 0 without and server {args.servers - 1} with `--enable-prefix-caching`; hit rate from "
-        "/metrics (`lmdeploy:cached_tokens_total` over prompt tokens):", "", bench.markdown(prefix), ""]
-    header, command = bench.report_header(
+        "/metrics (`lmdeploy:cached_tokens_total` over prompt tokens):", "", benchdoc.markdown(prefix), ""]
+    header, command = benchdoc.report_header(
         "scripts/bench_scale.py", argv, gpu.name, args.model, model_dir,
         f"{args.servers} api_server(s), tp {args.tp}, backend {backend}, cache_max_entry_count {args.cache_ratio} each, "
         f"GPUs per server {group.devices}; closed loop, {args.concurrency} clients, {args.requests} requests of "
         f"{args.tokens} tokens (ignore_eos)", time.perf_counter() - start)
     lines = [BEGIN, "## Serving at scale: the proxy, routing strategies, prefix caching, the planner (lab 07)", "",
              header, "", "Processes (start seconds overlap: the servers start together):", "",
-             bench.markdown(procs), "",
+             benchdoc.markdown(procs), "",
              "One server (direct) against all servers behind `lmdeploy serve proxy`, per routing strategy; "
-             "`share per server` from the proxy's log:", "", bench.markdown(results[cols].round(1)), "",
+             "`share per server` from the proxy's log:", "", benchdoc.markdown(results[cols].round(1)), "",
              *prefix_lines,
              f"The planner, fitted to server 0 alone at concurrency 1 and {args.concurrency} "
              f"(step = {1000 * cal.c0:.2f} ms + {1000 * cal.c1:.3f} ms x batch, host part {1000 * cal.host_s:.2f} ms), "
-             "against the load test:", "", bench.markdown(planned), "",
+             "against the load test:", "", benchdoc.markdown(planned), "",
              f"Structured output ({args.forms} requests with the lab's JSON schema, {args.forms} without): {forms}.", "",
              *kill_lines, "Command:", "", "```bash", command, "```", END, ""]
-    text = bench.report("\n".join(lines), args.out)
-    if args.append:
-        write_section(args.append, text)
-        print(f"section written to {args.append}")
+    benchdoc.publish("\n".join(lines), args, BEGIN, END)
     return 0
-
-
-def write_section(path: Path, text: str) -> None:
-    """Put `text` (which starts with BEGIN and ends with END) into `path`, replacing an earlier run's section."""
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new, encoding="utf-8")
 
 
 if __name__ == "__main__":

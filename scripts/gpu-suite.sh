@@ -95,7 +95,7 @@ if [ "$backend" = turbomind ]; then
   # One line, before anything runs, if TurboMind cannot load here.
   $PY - <<'PY' || exit 3
 import sys
-from labkit.engine import TURBOMIND_HOWTO, turbomind_missing
+from labkit.backends import TURBOMIND_HOWTO, turbomind_missing
 missing = turbomind_missing()
 if not missing:
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import one_line
-from labkit import engine
+from labkit import backends, engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def _fake_lmdeploy(root: Path, binary: bool) -> Path:
 
 
 def _missing_in(site: Path) -> list[str]:
-    code = "import json; from labkit.engine import turbomind_missing; print(json.dumps(turbomind_missing()))"
+    code = "import json; from labkit.backends import turbomind_missing; print(json.dumps(turbomind_missing()))"
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "LD_LIBRARY_PATH": ""}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -39,28 +39,28 @@ def test_turbomind_missing_names_what_is_missing(tmp_path):
     assert _missing_in(_fake_lmdeploy(tmp_path / "a", binary=False))[0].startswith("lmdeploy/turbomind/_turbomind")
     missing = _missing_in(_fake_lmdeploy(tmp_path / "b", binary=True))
     if missing:  # a machine with CUDA 12 installed system-wide finds them; this one should not
-        assert set(missing) <= set(engine.TURBOMIND_LIBS)
-    assert engine.turbomind_missing() == []  # the real install here has its binary and libraries
+        assert set(missing) <= set(backends.TURBOMIND_LIBS)
+    assert backends.turbomind_missing() == []  # the real install here has its binary and libraries
 
 
 def test_labkit_backend_variable(monkeypatch, tiny_dir):
     monkeypatch.setenv("LABKIT_BACKEND", "pytorch")
-    assert engine.requested_backend("auto") == ("pytorch", "LABKIT_BACKEND")
-    assert engine.requested_backend("turbomind") == ("turbomind", "asked for")  # an explicit choice wins
-    assert engine.choose_backend(tiny_dir) == ("pytorch", "LABKIT_BACKEND")
+    assert backends.requested_backend("auto") == ("pytorch", "LABKIT_BACKEND")
+    assert backends.requested_backend("turbomind") == ("turbomind", "asked for")  # an explicit choice wins
+    assert backends.choose_backend(tiny_dir) == ("pytorch", "LABKIT_BACKEND")
     monkeypatch.setenv("LABKIT_BACKEND", "tm")
     with pytest.raises(engine.EngineError) as err:
-        engine.requested_backend()
+        backends.requested_backend()
     assert "LABKIT_BACKEND='tm'" in one_line(err)
     monkeypatch.setenv("LABKIT_BACKEND", "auto")
-    assert engine.requested_backend() == ("auto", "asked for")
+    assert backends.requested_backend() == ("auto", "asked for")
 
 
 def test_choices_are_logged_for_the_summary(monkeypatch, tmp_path, tiny_dir):
     log = tmp_path / "engines.jsonl"
     monkeypatch.setenv("LABKIT_ENGINE_LOG", str(log))
     monkeypatch.setenv("LABKIT_BACKEND", "pytorch")
-    engine.choose_backend(tiny_dir)
+    backends.choose_backend(tiny_dir)
     [entry] = [json.loads(line) for line in log.read_text().splitlines()]
     assert entry["backend"] == "pytorch" and entry["model"] == tiny_dir.name
     assert entry["test"] == "tests/test_backends.py"
@@ -72,7 +72,7 @@ def test_turbomind_without_gpu_is_one_line(tiny_dir):
     if gpus():
         pytest.skip("this machine has a GPU: the no-GPU refusal cannot be shown here")
     with pytest.raises(engine.EngineError) as err:
-        engine.choose_backend(tiny_dir, "turbomind")
+        backends.choose_backend(tiny_dir, "turbomind")
     assert "cannot run here: no GPU" in one_line(err)
 
 
@@ -81,13 +81,13 @@ def test_a_model_turbomind_cannot_run_gets_the_pytorch_engine(tmp_path, capsys):
     """A Mistral config (an architecture lmdeploy's PyTorch engine has and TurboMind has not): one line."""
     from transformers import MistralConfig
 
-    if engine.turbomind_missing():
-        pytest.skip(f"TurboMind cannot load here (missing {engine.turbomind_missing()}): nothing to fall back from")
+    if backends.turbomind_missing():
+        pytest.skip(f"TurboMind cannot load here (missing {backends.turbomind_missing()}): nothing to fall back from")
     cfg = MistralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=1024)
     cfg.architectures = ["MistralForCausalLM"]
     cfg.save_pretrained(tmp_path)
-    backend, why = engine.choose_backend(tmp_path, "turbomind")
+    backend, why = backends.choose_backend(tmp_path, "turbomind")
     assert backend == "pytorch" and "TurboMind does not support" in why
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith(f"TurboMind cannot run {tmp_path.name}:") and "PyTorch" in out[0]
@@ -158,3 +158,11 @@ def test_bench_chat_skips_the_transformers_baseline_for_awq(tmp_path):
                           capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "transformers baseline skipped: " in done.stdout and "AWQ model" in done.stdout
+
+
+def test_labkit_engine_still_offers_the_backend_names():
+    """Notebooks and older code call labkit.engine.choose_backend etc.: the same objects as labkit.backends'."""
+    for name in ("BACKENDS", "check_backend", "requested_backend", "choose_backend", "turbomind_missing",
+                 "TURBOMIND_LIBS", "TURBOMIND_HOWTO", "needs_remote_code", "check_architecture"):
+        assert getattr(engine, name) is getattr(backends, name), name
+    assert engine.EngineError is backends.EngineError

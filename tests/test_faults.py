@@ -29,7 +29,7 @@ import pytest
 from helpers import TINY
 from labkit import engine, kvcache, loadtest, procs, serve, tools, vision, webui
 from labkit.errors import LabkitError, OptionError, ServerError
-from labkit.gpu import memory_used_or_none
+from labkit.gpu import init_cuda_context, memory_used_or_none
 from test_serve import STANDIN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +123,16 @@ def _refused(case: str, call, exc=LabkitError, within: float = 2.0, match: str |
         assert re.search(match, msg), f"{case}: {msg!r} does not say {match!r}"
     assert_nothing_left(before)
     return msg
+
+
+def _interrupt(kernel: subprocess.Popen, timeout: float) -> tuple[str, float]:
+    """Ctrl-C (SIGINT) to a kernel stand-in that prints `INTERRUPTED <time>`: (its output, seconds until it landed)."""
+    sent = time.time()
+    kernel.send_signal(signal.SIGINT)
+    out, _ = kernel.communicate(timeout=timeout)
+    m = re.search(r"INTERRUPTED ([\d.]+)", out)
+    assert m, out[-2000:]
+    return out, float(m.group(1)) - sent
 
 
 def _name(tag: str) -> str:
@@ -347,12 +357,7 @@ def test_kernel_interrupted_while_a_server_loads(tiny_dir, standin):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     entry = _entry("interrupted")
     _standin_pid(Path(entry["log"]))
-    sent = time.time()
-    kernel.send_signal(signal.SIGINT)
-    out, _ = kernel.communicate(timeout=60)
-    m = re.search(r"INTERRUPTED ([\d.]+)", out)
-    assert m, out
-    took = float(m.group(1)) - sent
+    out, took = _interrupt(kernel, timeout=60)
     _report("kernel interrupted while a server loads", took, "interrupted: stopping server 'interrupted'")
     assert "interrupted: stopping server 'interrupted'" in out and "RERUN" in out, out
     assert not serve.group_members(entry["pgid"]) and took < 10
@@ -386,12 +391,7 @@ def test_kernel_interrupted_while_the_baseline_streams():
     for line in kernel.stdout:
         if line.startswith("STREAMING"):
             break
-    sent = time.time()
-    kernel.send_signal(signal.SIGINT)
-    out, _ = kernel.communicate(timeout=120)
-    m = re.search(r"INTERRUPTED ([\d.]+)", out)
-    assert m, out
-    took = float(m.group(1)) - sent
+    out, took = _interrupt(kernel, timeout=120)
     _report("kernel interrupted while the baseline streams", took, "KeyboardInterrupt")
     assert took < 1.5, f"Ctrl-C took {took:.1f} s to land"
     assert "THREADS []" in out and "RERUN True" in out, out
@@ -419,12 +419,7 @@ def test_kernel_interrupted_during_awq(tmp_path, tiny_dir):
     while not list(tmp_path.glob(".*-awq-*")) and time.monotonic() < end and kernel.poll() is None:
         time.sleep(0.02)
     assert list(tmp_path.glob(".*-awq-*")), "AWQ never started"
-    sent = time.time()
-    kernel.send_signal(signal.SIGINT)
-    text, _ = kernel.communicate(timeout=300)
-    m = re.search(r"INTERRUPTED ([\d.]+)", text)
-    assert m, text[-2000:]
-    took = float(m.group(1)) - sent
+    text, took = _interrupt(kernel, timeout=300)
     _report("kernel interrupted during AWQ", took, "KeyboardInterrupt; half-written folder removed")
     assert took < 10 and "AGAIN" in text and (out / "config.json").exists(), text[-2000:]
     assert not list(tmp_path.glob(".*-awq-*")), "the half-written AWQ folder was left"
@@ -461,7 +456,7 @@ def test_rerunning_every_start_cell(tiny_dir, standin):
 
 @pytest.mark.gpu
 def test_rerunning_the_engine_cell_does_not_double_gpu_memory():
-    engine._init_cuda_context()  # this process's CUDA context never goes back: not the engine's to return
+    init_cuda_context()  # this process's CUDA context never goes back: not the engine's to return
     before = Snapshot()
     first = engine.Engine(TINY, name="fault-engine", cache_ratio=0.1)
     used = memory_used_or_none()

@@ -20,12 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _parse(argv: list[str]):
     """lmdeploy 0.18's own CLI parser applied to an api_server command line (nothing runs)."""
-    from lmdeploy.cli.cli import CLI
-    from lmdeploy.cli.serve import SubCliServe
+    from labkit.commands import parser
 
-    if "api_server" not in SubCliServe.subparsers.choices:
-        SubCliServe.add_parser_api_server()
-    return CLI.parser.parse_args(argv[1:])
+    return parser().parse_args(argv[1:])
 
 
 def test_course_name_that_fell_back_to_tiny_chat_gets_the_qwen_parser(monkeypatch, tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from labkit import kvcache
+from labkit import kvcache, kvsweep
 from labkit.kvcache import ModelShape
 from helpers import one_line
 
@@ -221,11 +221,11 @@ def test_no_room_is_a_clear_error(tiny_dir):
 
 def test_sweep_checks_every_run_before_starting(tiny_dir):
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        kvcache.sweep(tiny_dir, [[0.1, 0], [1.5, 8]], ["hi"])
+        kvsweep.sweep(tiny_dir, [[0.1, 0], [1.5, 8]], ["hi"])
     with pytest.raises(ValueError, match="quant_policy must be one of"):
-        kvcache.sweep(tiny_dir, [[0.1, 0], [0.1, 2]], ["hi"])
+        kvsweep.sweep(tiny_dir, [[0.1, 0], [0.1, 2]], ["hi"])
     with pytest.raises(ValueError, match="need a quant_policy 0 run"):
-        kvcache.sweep(tiny_dir, [[0.1, 8]], ["hi"])
+        kvsweep.sweep(tiny_dir, [[0.1, 8]], ["hi"])
 
 
 def test_capacity_table_and_budget_still_work(tiny_dir):
@@ -240,8 +240,8 @@ def test_capacity_table_and_budget_still_work(tiny_dir):
 
 
 def test_agreement():
-    assert kvcache.agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]) == (100.0, 3.0)
-    same, prefix = kvcache.agreement([[1, 2, 3], [4, 5, 6]], [[1, 9, 3], [0, 5, 6]])
+    assert kvsweep.agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]) == (100.0, 3.0)
+    same, prefix = kvsweep.agreement([[1, 2, 3], [4, 5, 6]], [[1, 9, 3], [0, 5, 6]])
     assert round(same, 2) == 66.67 and prefix == 0.5
 
 

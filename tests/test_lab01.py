@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from labkit import bench, engine
+from labkit import bench, benchdoc, engine
 from labkit.baseline import HFEngine
 from labkit.engine import EngineError
 from labkit.models import ModelNotFoundError, resolve
@@ -58,6 +58,18 @@ def test_baseline_stream_matches_generate(hf, capsys):
     assert shown.input_tokens == whole.input_token_len and 0 < shown.ttft_s <= shown.seconds
 
 
+def test_baseline_stream_stops_when_asked(hf):
+    """`stop` set mid-stream (the playground's Stop button): generation ends early, finish_reason 'abort'."""
+    import threading
+
+    stop, pieces = threading.Event(), []
+    for piece in hf.stream("stream me", stop=stop, max_new_tokens=200, temperature=0, ignore_eos=True):
+        pieces.append(piece)
+        if len(pieces) == 3:
+            stop.set()
+    assert pieces[-1].finish_reason == "abort" and pieces[-1].generate_token_len < 200
+
+
 def test_baseline_on_cpu_takes_no_gpu_memory(hf):
     assert hf.memory_before == hf.memory_after == 0
     assert hf.memory_gib == 0 and hf.describe()["GPU memory GiB"] == 0
@@ -68,13 +80,13 @@ def test_report_header():
 
     from labkit.evidence import versions
 
-    line, command = bench.report_header("scripts/bench_x.py", ["--model", "my model", "--repeats", "3"], "NVIDIA H100",
-                                        "generated:tiny-chat", Path("/m/tiny-chat-v1"), "prompt 8 tokens", 12.4)
+    line, command = benchdoc.report_header("scripts/bench_x.py", ["--model", "my model", "--repeats", "3"], "NVIDIA H100",
+                                           "generated:tiny-chat", Path("/m/tiny-chat-v1"), "prompt 8 tokens", 12.4)
     installed = ", ".join(f"{pkg} {v or '-'}" for pkg, v in versions().items())
     assert line == (f"GPU: NVIDIA H100; model `generated:tiny-chat` (tiny-chat-v1); prompt 8 tokens; {installed}; "
                     f"12 s in all.")
     assert command == "python scripts/bench_x.py --model 'my model' --repeats 3"
-    assert bench.report_header("s.py", [], "g", "m", "d", "x", 0)[1] == "python s.py"
+    assert benchdoc.report_header("s.py", [], "g", "m", "d", "x", 0)[1] == "python s.py"
 
 
 def test_stream_to_notebook_plain_text(capsys):
@@ -143,7 +155,7 @@ def test_bench_on_cpu(hf):
     bench.plot(table, ax=ax)
     assert len(ax.patches) == 2
     plt.close("all")
-    text = bench.markdown(both)
+    text = benchdoc.markdown(both)
     assert text.count("\n") == 3 and text.startswith("| batch |")
 
 

@@ -26,14 +26,9 @@ STANDIN = [sys.executable, str(Path(__file__).with_name("standin_api.py")), "{po
 @pytest.fixture(scope="module")
 def lmdeploy_parser():
     """lmdeploy 0.18's CLI parser, built as `lmdeploy` builds it (no engine is imported)."""
-    from lmdeploy.cli.entrypoint import run  # noqa: F401  (importing builds the sub-commands)
-    from lmdeploy.cli.cli import CLI
+    from labkit.commands import parser
 
-    from lmdeploy.cli.serve import SubCliServe
-
-    if "serve" not in CLI.subparsers.choices or "proxy" not in SubCliServe.subparsers.choices:
-        SubCliServe.add_parsers()
-    return CLI.parser
+    return parser()
 
 
 def _parse(parser, argv: list[str]):

@@ -512,16 +512,13 @@ def test_open_to_the_network_warns(tiny_dir, standin, capsys):
 
 def test_api_server_command_line_is_what_lmdeploy_accepts(tiny_dir):
     """The command labkit builds, parsed by lmdeploy 0.18's own CLI parser (nothing runs)."""
-    from lmdeploy.cli.cli import CLI
-    from lmdeploy.cli.serve import SubCliServe
+    from labkit.commands import parser
 
-    if "api_server" not in SubCliServe.subparsers.choices:
-        SubCliServe.add_parser_api_server()
     argv = serve.api_server_args(tiny_dir, host="0.0.0.0", port=23333, backend="pytorch", model_name="tiny-chat",
                                  cache_ratio=0.4, quant_policy=8, session_len=4096, eager=True,
                                  tool_call_parser="qwen", api_keys=["k1", "k2"])
     assert argv[:3] == ["lmdeploy", "serve", "api_server"]
-    args = CLI.parser.parse_args(argv[1:])
+    args = parser().parse_args(argv[1:])
     assert (args.model_path, args.server_name, args.server_port, args.backend) == (str(tiny_dir), "0.0.0.0", 23333,
                                                                                    "pytorch")
     assert (args.model_name, args.cache_max_entry_count, args.quant_policy, args.session_len) == (
@@ -742,3 +739,20 @@ def test_webui_vision_ask_sends_pictures_and_refuses_a_corrupt_one(tiny_dir, sta
                 webui.ask(ui, "And this one?", files=[paths["corrupt"]], max_new_tokens=3)
     finally:
         srv.stop()
+
+
+def test_log_echo_shows_complete_lines_finished_bars_and_counts_the_rest(tmp_path):
+    """labkit.logtail.LogEcho: a half-written line waits, a running progress bar is dropped, a done one shown,
+    and lines past max_shown are counted, not shown."""
+    from labkit.logtail import LogEcho, tail_lines
+
+    log, shown = tmp_path / "server.log", []
+    log.write_bytes(b"loading\n 40%|####\r100%|##########\nhalf")
+    echo = LogEcho(log, shown.append, max_shown=2)
+    echo.pump()
+    assert shown == ["  | loading", "  | 100%|##########"] and echo.skipped == 0
+    with open(log, "ab") as f:
+        f.write(b" done\nmore\n")
+    echo.pump()
+    assert shown[-1] == "  | 100%|##########" and echo.skipped == 2  # "half done" and "more": past max_shown
+    assert tail_lines(log, 2) == ["half done\n", "more\n"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labkit.engine import EngineError
+from labkit.errors import EngineError
 
 ENGINES = {"turbomind": "LMDeploy TurboMind", "pytorch": "LMDeploy PyTorch engine",
            "transformers": "transformers baseline"}
@@ -100,7 +100,8 @@ def engine_choices() -> list[tuple[str, str]]:
 def make_plan(cfg: LoadConfig, download: bool = False) -> Plan:
     """Check a configuration and predict its memory (kvcache.predict) before anything loads; PlaygroundError if bad."""
     from labkit import kvcache, vision
-    from labkit.engine import check_backend, check_options, choose_backend
+    from labkit.backends import check_backend, choose_backend
+    from labkit.engine import check_options
     from labkit.gpu import has_cuda
     from labkit.models import resolve
 
