@@ -1,0 +1,287 @@
+"""Small chat models trained here, on CPU, from the text `labkit.corpus` generates (`labkit models train`).
+
+A recipe (shape, corpus size, seed, steps) fully determines a model. The conversations are rendered with
+the model's own chat template exactly as lmdeploy's api_server renders a request (lmdeploy's request
+normalisation and tool dump, then the tokenizer's apply_chat_template), so what the model learned is what
+it sees when served. The tokenizer is a byte-level BPE trained on that text, digits split one per token.
+
+labkit ships the trained weights (labkit/data/trained/NAME, a few MB, with `labkit-trained.json` holding
+the recipe and its hash); `recipe_hash(RECIPES[name])` says whether they are still what the recipe makes.
+
+    labkit models train tiny-chat            # about 10-20 minutes on 2 CPU cores
+    resolve("trained:tiny-chat")             # the shipped folder (labs on CPU, tests, the GPU suite)
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from labkit import config
+
+META = "labkit-trained.json"
+FORMAT_VERSION = 1  # bump when the files of a trained model change
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides a trained model."""
+
+    arch: str = "qwen2"            # chat format: ChatML, Qwen2.5 tool calls (--tool-call-parser qwen)
+    hidden: int = 128              # multiples of 128: AWQ groups of 128
+    intermediate: int = 384
+    layers: int = 3
+    heads: int = 2                 # head_dim 64 (TurboMind and the PyTorch engine both run it)
+    kv_heads: int = 2
+    vocab: int = 1024
+    conversations: int = 8000
+    seed: int = 0
+    steps: int = 1500
+    batch: int = 16
+    lr: float = 3e-3
+    warmup: int = 60
+    about: str = ""
+
+
+RECIPES: dict[str, Recipe] = {
+    "tiny-chat": Recipe(about="Qwen2 shape, 3 layers, 0.77M parameters, trained here on generated chat, "
+                              "stories, sums and add/mul tool use; says it is not InternLM2.5"),
+}
+HELDOUT_SEED = 10_001  # held-out text: other numbers, other stories (labkit.quant's perplexity)
+
+
+class TrainError(ValueError):
+    """A trained model that cannot be made or used; the message says what to do."""
+
+
+@functools.lru_cache(maxsize=8)
+def recipe_hash(recipe: Recipe) -> str:
+    """A short hash of the recipe, the corpus version, the chat template and the training text itself."""
+    from labkit import corpus
+    from labkit.generate import CHAT_TEMPLATE
+
+    h = hashlib.sha256(json.dumps({"recipe": asdict(recipe), "corpus": corpus.CORPUS_VERSION,
+                                   "format": FORMAT_VERSION, "template": CHAT_TEMPLATE}, sort_keys=True).encode())
+    for text in render(corpus.conversations(recipe.conversations, recipe.seed)):
+        h.update(text.encode())
+    return h.hexdigest()[:16]
+
+
+def is_trained(model_dir: str | Path) -> bool:
+    """True for a model folder that labkit trained (it holds labkit-trained.json)."""
+    return (Path(model_dir) / META).is_file()
+
+
+def calibration_text(conversations: int = 600) -> Path:
+    """Conversations of the training generator (seed 1: neither the training set nor the held-out text),
+    rendered, as a text file: AWQ calibration text of the trained models' own kind."""
+    from labkit import corpus
+
+    path = config.home() / "heldout" / f"calib-c{corpus.CORPUS_VERSION}-n{conversations}.txt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(render(corpus.conversations(conversations, seed=1))), encoding="utf-8")
+        tmp.replace(path)
+    return path
+
+
+def shipped_dir(name: str) -> Path:
+    """Where labkit keeps the committed weights of trained model `name`."""
+    return config.data_file("trained") / name
+
+
+# ----------------------------------------------------------------------------- rendering
+
+_render_tok = None
+
+
+def _template_tokenizer():
+    """A bytes-only tokenizer carrying the chat template: renders text before the real tokenizer exists."""
+    global _render_tok
+    if _render_tok is None:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        from labkit.generate import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.add_special_tokens(SPECIAL_TOKENS)
+        _render_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>")
+        _render_tok.chat_template = CHAT_TEMPLATE
+    return _render_tok
+
+
+def render(convs: list[tuple[str, list[dict]]], tokenizer=None) -> list[str]:
+    """Each conversation as the text the model reads (tool conversations with the course's tools offered)."""
+    from labkit.tools import TOOLS, server_view
+
+    tok = tokenizer or _template_tokenizer()
+    out = []
+    for kind, msgs in convs:
+        msgs, tools = server_view(msgs, TOOLS if kind == "tools" else None)
+        out.append(tok.apply_chat_template(msgs, tools=tools, tokenize=False))
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer and model
+
+def train_tokenizer(texts: list[str], vocab: int, out_dir: Path):
+    """Byte-level BPE on the rendered text (digits one per token), exactly `vocab` entries, chat template set."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from labkit.generate import CHAT_TEMPLATE, SPECIAL_TOKENS, template_in_tokenizer_config
+
+    tok = Tokenizer(models.BPE())
+    # Newlines alone (a reply starts after the template's "assistant\n": no token may straddle that seam),
+    # digits one per token (sums and tool arguments are copied digit by digit), merges across spaces otherwise.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                 pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIAL_TOKENS, show_progress=False, max_token_length=12,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    data = json.loads(tok.to_str())
+    nxt = len(data["model"]["vocab"]) + len([t for t in data["added_tokens"] if t["content"] not in
+                                             data["model"]["vocab"]])
+    while nxt < vocab:  # pad with reserved entries so the vocabulary matches the embedding rows
+        data["model"]["vocab"][f"<|reserved_{nxt}|>"] = nxt
+        nxt += 1
+    tok = Tokenizer.from_str(json.dumps(data))
+    if tok.get_vocab_size() != vocab:
+        raise TrainError(f"tokenizer has {tok.get_vocab_size()} entries, not {vocab}: raise the recipe's vocab")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None, unk_token=None, model_max_length=32768)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    template_in_tokenizer_config(out_dir, CHAT_TEMPLATE, tokenizer_class="PreTrainedTokenizerFast")
+    return fast
+
+
+def _model(recipe: Recipe, tok):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    end, im_end = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    cfg = Qwen2Config(vocab_size=recipe.vocab, hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
+                      num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
+                      num_key_value_heads=recipe.kv_heads, max_position_embeddings=4096,
+                      tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
+                      bos_token_id=end, eos_token_id=im_end, pad_token_id=end, use_cache=True)
+    cfg.architectures = ["Qwen2ForCausalLM"]
+    return Qwen2ForCausalLM(cfg)
+
+
+def _batches(ids: list[list[int]], batch: int, pad: int, rng):
+    """Batches of similar length (less padding), in a seeded random order."""
+    import torch
+
+    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), rng.random()))
+    groups = [order[i:i + batch] for i in range(0, len(order), batch)]
+    while True:
+        rng.shuffle(groups)
+        for g in groups:
+            n = max(len(ids[i]) for i in g)
+            x = torch.full((len(g), n), pad, dtype=torch.long)
+            mask = torch.zeros((len(g), n), dtype=torch.long)
+            for row, i in enumerate(g):
+                x[row, :len(ids[i])] = torch.tensor(ids[i])
+                mask[row, :len(ids[i])] = 1
+            yield x, mask
+
+
+def train(name: str, out_dir: Path | None = None, recipe: Recipe | None = None, quiet: bool = False) -> Path:
+    """Train model `name` (or `recipe`) on CPU and write it to `out_dir` (default: under LABKIT_HOME)."""
+    import random
+
+    import torch
+
+    from labkit import corpus
+    from labkit.generate import save_generation_config
+
+    if recipe is None:
+        if name not in RECIPES:
+            raise TrainError(f"no recipe called {name!r}: choose one of {', '.join(RECIPES)}")
+        recipe = RECIPES[name]
+    digest = recipe_hash(recipe)
+    out_dir = Path(out_dir) if out_dir else config.home() / "trained" / f"{name}-{digest}"
+    start = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    torch.set_num_threads(int(os.environ.get("LABKIT_TRAIN_THREADS", "1")))  # 1: fastest on a shared CPU
+    texts = render(corpus.conversations(recipe.conversations, recipe.seed))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    try:
+        tok = train_tokenizer(texts, recipe.vocab, tmp)
+        ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+        model = _model(recipe, tok)
+        opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup) * 0.5 * (
+            1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps)))
+        losses = []
+        batches = _batches(ids, recipe.batch, tok.pad_token_id, random.Random(recipe.seed))
+        model.train()
+        for step in range(recipe.steps):
+            x, mask = next(batches)
+            labels = x.masked_fill(mask == 0, -100)
+            loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(round(loss.item(), 4))
+            if not quiet and (step % 50 == 0 or step == recipe.steps - 1):
+                print(f"step {step:>5}/{recipe.steps}  loss {loss.item():.3f}  "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
+        model = model.to(torch.bfloat16).eval()
+        model.config.dtype = "bfloat16"
+        model.save_pretrained(tmp)
+        save_generation_config(tmp, tok)
+        meta = {"name": name, "recipe": asdict(recipe), "recipe_hash": digest, "corpus_version": corpus.CORPUS_VERSION,
+                "parameters": sum(p.numel() for p in model.parameters()), "seconds": round(time.perf_counter() - start),
+                "loss_first": losses[0], "loss_last_50": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+                "torch": torch.__version__}
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp), out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not quiet:
+        print(f"trained {name} ({meta['parameters']:,} parameters) in {meta['seconds']} s -> {out_dir}")
+    return out_dir
+
+
+def smoke_recipe(recipe: Recipe, steps: int = 3, conversations: int = 60) -> Recipe:
+    """The same recipe cut to a few steps on a few conversations (the quick re-train test)."""
+    return replace(recipe, steps=steps, conversations=conversations, warmup=1, vocab=512)
+
+
+def ensure(name: str) -> Path:
+    """The folder of trained model `name`: the shipped one if its recipe hash is current, else a local one."""
+    if name not in RECIPES:
+        from labkit.models import ModelNotFoundError
+
+        raise ModelNotFoundError(f"no trained model called {name!r}; choose one of "
+                                 f"{', '.join('trained:' + n for n in RECIPES)}")
+    digest = recipe_hash(RECIPES[name])
+    for folder in (shipped_dir(name), config.home() / "trained" / f"{name}-{digest}"):
+        meta = folder / META
+        if meta.is_file() and json.loads(meta.read_text()).get("recipe_hash") == digest:
+            return folder
+    from labkit.models import ModelNotFoundError
+
+    raise ModelNotFoundError(f"the shipped weights of trained:{name} do not match its recipe (hash {digest}): "
+                             f"run `labkit models train {name}` (10-20 minutes on CPU)")
