@@ -147,6 +147,16 @@ class HFEngine:
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
         return self._finish(out[0, ids.shape[1]:].tolist(), ids.shape[1])
 
+    def generate_text(self, text: str, **gen: Any) -> HFResponse:
+        """One reply to text already rendered with the chat template (labkit.tools.LocalClient)."""
+        kw = self._gen_kwargs(**gen)
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(self.device)
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        return self._finish(out[0, ids.shape[1]:].tolist(), ids.shape[1])
+
     def stream(self, prompt: str | list[dict], **gen: Any) -> Iterator[HFResponse]:
         """Stream one reply: yields HFResponses whose .text is the new piece, the last with finish_reason."""
         kw = self._gen_kwargs(**gen)  # bad input fails here, before the generator starts
