@@ -41,7 +41,7 @@ class Recipe:
     heads: int = 2                 # head_dim 64 (TurboMind and the PyTorch engine both run it)
     kv_heads: int = 2
     vocab: int = 1024
-    conversations: int = 8000
+    conversations: int = 12000
     seed: int = 0
     steps: int = 1500
     batch: int = 16
@@ -182,14 +182,15 @@ def _model(recipe: Recipe, tok):
 
 
 def _batches(ids: list[list[int]], batch: int, pad: int, rng):
-    """Batches of similar length (less padding), in a seeded random order."""
+    """Batches of conversations of every kind mixed, in a seeded random order, padded to their longest.
+    (Batches of one kind each, though cheaper to pad, make a model this small forget the others.)"""
     import torch
 
-    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), rng.random()))
-    groups = [order[i:i + batch] for i in range(0, len(order), batch)]
+    order = list(range(len(ids)))
     while True:
-        rng.shuffle(groups)
-        for g in groups:
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch + 1, batch):
+            g = order[start:start + batch]
             n = max(len(ids[i]) for i in g)
             x = torch.full((len(g), n), pad, dtype=torch.long)
             mask = torch.zeros((len(g), n), dtype=torch.long)

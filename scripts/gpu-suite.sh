@@ -11,15 +11,17 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # By default every notebook and every test marked `gpu`; CPU-only unit tests run in CI (make test).
-# `--part 1` / `--part 2` split it in two halves of about 4 and 7 minutes (for a runner that allows
+# `--part 1` / `--part 2` / `--part 3` split it in pieces of under 10 minutes each (for a runner that allows
 # 10 minutes a command); or name test files / notebooks (and pytest options) yourself.
 case "${1:-}" in
   "") set -- notebooks tests -m "gpu or notebook" ;;
   --part)
     case "${2:-}" in
       1) set -- notebooks/0[0-3]_*.ipynb ;;
-      2) set -- notebooks/0[4-9]_*.ipynb tests -m "gpu or notebook" ;;
-      *) echo "--part takes 1 or 2, not '${2:-}'" >&2; exit 2 ;;
+      2) set -- notebooks/0[4-9]_*.ipynb tests -m "gpu or notebook" \
+           --ignore=tests/test_trained_gpu.py --ignore=tests/test_speed_gpu.py ;;
+      3) set -- tests/test_trained_gpu.py tests/test_speed_gpu.py -s ;;  # the trained model's numbers, speed
+      *) echo "--part takes 1, 2 or 3, not '${2:-}'" >&2; exit 2 ;;
     esac ;;
 esac
 export LABKIT_REPORT_DIR="${LABKIT_REPORT_DIR:-${OUT:-artifacts/gpu-suite}}"
