@@ -1,5 +1,5 @@
 # LMDeploy Lab: one-word commands. See README.md.
-.PHONY: lab test gpu-test wheelhouse doctor clean-notebooks
+.PHONY: lab test gpu-test wheelhouse turbomind-chunks doctor clean-notebooks
 
 lab:            ## set up .venv if needed and open JupyterLab on notebooks/
 	scripts/lab.sh
@@ -17,6 +17,11 @@ wheelhouse:     ## build the packages for an offline GPU runner into .wheelhouse
 	../shared/gpu-runner/make-wheelhouse .wheelhouse -r requirements-gpu.txt
 	rm -f .wheelhouse/debugpy-*.whl .wheelhouse/jedi-*.whl .wheelhouse/widgetsnbextension-*.whl
 	du -sh .wheelhouse
+
+# TurboMind on the CUDA-13 runner: the full lmdeploy wheel + CUDA 12 cuBLAS/cudart in 58 MiB chunks
+# (.turbomind/c00.. and setup/, ~600 MB, ~2 min); scripts/gpu-suite.sh installs them from /tmp/labkit-tm.
+turbomind-chunks: ## build TurboMind's chunks for the offline GPU runner into .turbomind/
+	../shared/gpu-runner/turbomind/make-chunks .turbomind
 
 doctor:
 	.venv/bin/labkit doctor

@@ -30,6 +30,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # costs every engine start tens of seconds of compiling. Tests check behaviour, not speed: run them eager.
 # Students' notebooks and the benchmark scripts keep compiling.
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+# Every engine / server backend labkit picks is logged there (labkit.engine.choose_backend), so the summary
+# names the engine that ran each file.
+if os.environ.get("LABKIT_REPORT_DIR"):
+    os.environ.setdefault("LABKIT_ENGINE_LOG", str(Path(os.environ["LABKIT_REPORT_DIR"]) / "engines.jsonl"))
 
 GPU_SKIP = "needs a CUDA GPU: found none (gpu cell / gpu test)"
 _stats: dict[str, dict] = defaultdict(lambda: {"passed": 0, "skipped": 0, "failed": 0, "seconds": 0.0,
@@ -89,6 +93,9 @@ _sampler: _Sampler | None = None
 
 def pytest_sessionstart(session):
     global _sampler
+    log = os.environ.get("LABKIT_ENGINE_LOG")
+    if log and os.environ.get("LABKIT_REPORT_DIR") and Path(log).parent == Path(os.environ["LABKIT_REPORT_DIR"]):
+        Path(log).unlink(missing_ok=True)  # this run's engines only
     from labkit.gpu import gpus
 
     if gpus():
@@ -118,8 +125,30 @@ def pytest_runtest_logreport(report):
         _stats[key]["failed"] += 1
 
 
+def _engines() -> dict[str, str]:
+    """File -> the backends labkit chose while it ran ("turbomind", "pytorch", "pytorch+turbomind"), from
+    LABKIT_ENGINE_LOG: notebooks by their lab name, tests by their file."""
+    path = os.environ.get("LABKIT_ENGINE_LOG")
+    found: dict[str, set] = defaultdict(set)
+    try:
+        lines = Path(path).read_text().splitlines() if path else []
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        key = f"notebooks/{e['lab']}.ipynb" if e.get("lab") else e.get("test")
+        if key:
+            found[key].add(f"{e['backend']} ({e['model']})")
+    return {k: ", ".join(sorted(v)) for k, v in found.items()}
+
+
 def _summary_rows() -> list[dict]:
-    return [{"file": k, **{f: v for f, v in s.items()}} for k, s in sorted(_stats.items())]
+    engines = _engines()
+    return [{"file": k, **{f: v for f, v in s.items()}, "engine": engines.get(k, "-")}
+            for k, s in sorted(_stats.items())]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -130,11 +159,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     tr = terminalreporter
     tr.section("LMDeploy Lab summary")
-    tr.write_line(f"{'file':<40} {'pass':>5} {'skip':>5} {'fail':>5} {'wall s':>8} {'peak GPU MiB':>13}")
+    tr.write_line(f"{'file':<40} {'pass':>5} {'skip':>5} {'fail':>5} {'wall s':>8} {'peak GPU MiB':>13}  engine")
     for r in rows:
         peak = "-" if r["peak_gpu_mib"] is None else str(r["peak_gpu_mib"])
         tr.write_line(f"{r['file']:<40} {r['passed']:>5} {r['skipped']:>5} {r['failed']:>5} "
-                      f"{r['seconds']:>8.1f} {peak:>13}")
+                      f"{r['seconds']:>8.1f} {peak:>13}  {r['engine']}")
     out = os.environ.get("LABKIT_REPORT_DIR")
     if out:
         _write_report(Path(out), rows, exitstatus)
@@ -150,12 +179,14 @@ def _write_report(out: Path, rows: list[dict], exitstatus) -> None:
     found = gpus()
     meta = {"exitstatus": int(exitstatus), "gpu": found[0].name if found else None,
             "profile": os.environ.get("LABKIT_PROFILE"), "model": os.environ.get("LABKIT_MODEL"),
+            "backend": os.environ.get("LABKIT_BACKEND", "auto"),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "summary.json").write_text(json.dumps({"meta": meta, "files": rows}, indent=1))
-    lines = [f"# GPU suite summary ({meta['gpu'] or 'no GPU'}, {meta['time']}, exit {meta['exitstatus']})", "",
-             "| file | pass | skip | fail | wall s | peak GPU MiB |", "|---|---|---|---|---|---|"]
+    lines = [f"# GPU suite summary ({meta['gpu'] or 'no GPU'}, backend {meta['backend']}, {meta['time']}, "
+             f"exit {meta['exitstatus']})", "",
+             "| file | pass | skip | fail | wall s | peak GPU MiB | engine (model) |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['file']} | {r['passed']} | {r['skipped']} | {r['failed']} | {r['seconds']:.1f} | "
-              f"{r['peak_gpu_mib'] if r['peak_gpu_mib'] is not None else '-'} |" for r in rows]
+              f"{r['peak_gpu_mib'] if r['peak_gpu_mib'] is not None else '-'} | {r['engine']} |" for r in rows]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     if _notebooks:
         with zipfile.ZipFile(out / "executed-notebooks.zip", "w", zipfile.ZIP_DEFLATED) as zf:

@@ -118,8 +118,11 @@ def _run_lmdeploy(eng, text: str, batch: int, new_tokens: int) -> tuple[float, f
     eng._check_open()
     cfg = gen_config(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     prompts = [text] * batch
+    from labkit import deadline
+
     start = time.perf_counter()
-    replies = eng.pipe(prompts, gen_config=cfg, do_preprocess=False)
+    replies = deadline.call(lambda: eng.pipe(prompts, gen_config=cfg, do_preprocess=False), None,
+                            f"benchmark batch of {batch} on engine {eng.name!r}", eng._stuck())
     total = time.perf_counter() - start
     bad = [r for r in replies if r.generate_token_len != new_tokens]
     if bad:
@@ -127,7 +130,8 @@ def _run_lmdeploy(eng, text: str, batch: int, new_tokens: int) -> tuple[float, f
                          f"(finish_reason={bad[0].finish_reason}): lower new_tokens or raise session_len")
     first: dict[int, float] = {}
     start = time.perf_counter()
-    for r in eng.pipe.stream_infer(prompts, gen_config=cfg, do_preprocess=False):
+    for r in deadline.iterate(lambda: eng.pipe.stream_infer(prompts, gen_config=cfg, do_preprocess=False), None,
+                              f"streamed benchmark batch of {batch} on engine {eng.name!r}", eng._stuck()):
         if r.index not in first and r.generate_token_len > 0:
             first[r.index] = time.perf_counter() - start
     if len(first) != batch:

@@ -22,7 +22,7 @@ def _models(args: argparse.Namespace) -> int:
         for m in models.CATALOGUE.values():
             print(f"{m.name:<24} {m.kind:<7} {m.hf_id:<36} {m.disk_gib:>5.1f} GiB  min GPU {m.min_gpu_gib:.0f} GiB")
         for name in generate.available():
-            about = generate.SPECS[name].about if name in generate.SPECS else "vision-language (lab 05)"
+            about = generate.about(name) or "vision-language (lab 05)"
             print(f"generated:{name:<14} {about}")
         for name, recipe in train.RECIPES.items():
             print(f"trained:{name:<16} {recipe.about}")

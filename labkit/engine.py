@@ -37,29 +37,96 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+# What TurboMind's binary links besides the GPU driver (lmdeploy's wheel pulls them in with pip).
+TURBOMIND_LIBS = ("libcudart.so.12", "libcublas.so.12", "libcublasLt.so.12")
+TURBOMIND_HOWTO = ("`pip install nvidia-cuda-runtime-cu12 nvidia-cublas-cu12` (what `pip install lmdeploy` brings); "
+                   "on the offline GPU runner: `make turbomind-chunks`, then scripts/gpu-suite.sh --backend turbomind")
+
+
+def turbomind_missing() -> list[str]:
+    """What TurboMind lacks to load here: its binary or CUDA 12 libraries (empty when nothing is missing)."""
+    import importlib.util
+
+    from labkit.doctor import _lib_loadable
+
+    spec = importlib.util.find_spec("lmdeploy")
+    if spec is None:
+        return ["lmdeploy"]
+    root = Path(list(spec.submodule_search_locations)[0])
+    if not list((root / "turbomind").glob("_turbomind*.so")):
+        return ["lmdeploy/turbomind/_turbomind*.so (this lmdeploy build has no TurboMind binary)"]
+    search = [root.parent / "nvidia" / sub / "lib" for sub in ("cuda_runtime", "cublas")]
+    return [lib for lib in TURBOMIND_LIBS if not _lib_loadable(lib, search)]
+
+
+def requested_backend(backend: str = "auto") -> tuple[str, str]:
+    """(backend, who asked): `backend` itself, or for 'auto' the LABKIT_BACKEND variable where it is set."""
+    import os
+
+    check_backend(backend)
+    env = os.environ.get("LABKIT_BACKEND", "").strip().lower()
+    if backend != "auto" or env in ("", "auto"):
+        return backend, "asked for"
+    if env not in BACKENDS:
+        raise EngineError(f"LABKIT_BACKEND={env!r} is not one of {', '.join(BACKENDS)}: unset it or pick one")
+    return env, "LABKIT_BACKEND"
+
+
 def choose_backend(model_dir: str | Path, requested: str = "auto") -> tuple[str, str]:
-    """(backend, reason): TurboMind where it can run this model, else the PyTorch engine."""
+    """(backend, reason): TurboMind where it can run this model, else the PyTorch engine. 'auto' honours
+    LABKIT_BACKEND; TurboMind asked for a model it cannot run gives the PyTorch engine and says why."""
     from labkit.doctor import _turbomind_state
     from labkit.gpu import gpus
 
-    check_backend(requested)
+    requested, who = requested_backend(requested)
+    if requested == "pytorch":
+        return _noted(model_dir, "pytorch", who)
     found = gpus()
     tm_ok, why = _turbomind_state(bool(found), float(found[0].compute_capability) if found else 0.0)
+    missing = turbomind_missing() if requested == "turbomind" else []
+    if requested == "turbomind" and (missing or not tm_ok):
+        what = f"missing {', '.join(missing)}; get them with {TURBOMIND_HOWTO}" if missing else why
+        raise EngineError(f"backend 'turbomind' ({who}) cannot run here: {what}; or use backend='pytorch'")
+    model_ok = tm_ok
     if tm_ok:
         try:
             from lmdeploy.turbomind.supported_models import is_supported
 
-            if not is_supported(str(model_dir)):
-                tm_ok, why = False, "TurboMind does not support this model"
+            if not is_supported(str(model_dir), trust_remote_code=needs_remote_code(model_dir)):
+                model_ok, why = False, f"TurboMind does not support the architecture of {Path(model_dir).name}"
         except Exception as err:  # its import needs the CUDA 12 runtime
-            tm_ok, why = False, f"TurboMind failed to load ({type(err).__name__})"
-    if requested == "turbomind" and not tm_ok:
-        raise EngineError(f"backend 'turbomind' cannot run here: {why}; use backend='pytorch' or 'auto'")
-    if requested == "pytorch":
-        return "pytorch", "asked for"
+            tm_ok = model_ok = False
+            why = f"TurboMind failed to load ({type(err).__name__}: {str(err)[:80]})"
+            if requested == "turbomind":
+                raise EngineError(f"backend 'turbomind' ({who}) cannot run here: {why}; check `labkit doctor`, "
+                                  f"or use backend='pytorch'") from err
     if requested == "turbomind":
-        return "turbomind", "asked for"
-    return ("turbomind", "auto: TurboMind can run") if tm_ok else ("pytorch", f"auto: {why}, so the PyTorch engine")
+        if model_ok:
+            return _noted(model_dir, "turbomind", who)
+        print(f"TurboMind cannot run {Path(model_dir).name}: {why}; using the PyTorch engine instead.")
+        return _noted(model_dir, "pytorch", f"{who} turbomind, but {why}, so the PyTorch engine")
+    if model_ok:
+        return _noted(model_dir, "turbomind", "auto: TurboMind can run")
+    return _noted(model_dir, "pytorch", f"auto: {why}, so the PyTorch engine")
+
+
+def _noted(model_dir: str | Path, backend: str, why: str) -> tuple[str, str]:
+    """(backend, why), also appended to LABKIT_ENGINE_LOG where set (the GPU suite names each file's engine)."""
+    import json
+    import os
+
+    log = os.environ.get("LABKIT_ENGINE_LOG")
+    if log:
+        from labkit.evidence import _context
+
+        entry = {"lab": _context.get("notebook"), "test": os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[0],
+                 "model": Path(model_dir).name, "backend": backend, "why": why}
+        try:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+        except OSError:
+            pass
+    return backend, why
 
 
 def needs_remote_code(model_dir: str | Path) -> bool:
@@ -208,25 +275,44 @@ class Engine:
         if self.closed:
             raise EngineError(f"engine {self.name!r} is closed: build a new one")
 
-    def generate(self, prompts, **gen: Any):
-        """pipe(prompts) with gen_config(**gen): one Response, or a list for a batch."""
-        self._check_open()
-        return self.pipe(prompts, gen_config=gen_config(**gen))
+    def _stuck(self) -> str:
+        return (f"the {self.backend} engine may be stuck (the lmdeploy log above may say why) and the request goes on "
+                f"in the background: close the engine (`.close()`, or restart the kernel) to free the GPU, then try "
+                f"fewer tokens, a shorter prompt or the other backend")
 
-    def stream(self, prompt, **gen: Any) -> Iterator[Any]:
-        """Stream one prompt: yields lmdeploy Responses whose .text is the new piece."""
-        self._check_open()
-        yield from self.pipe.stream_infer(prompt, gen_config=gen_config(**gen))
+    def generate(self, prompts, timeout: float | None = None, **gen: Any):
+        """pipe(prompts) with gen_config(**gen): one Response, or a list for a batch; a RequestTimeout after
+        `timeout` seconds (default: labkit.deadline.default_timeout())."""
+        from labkit import deadline
 
-    def chat_turns(self, prompts: list, **gen: Any) -> "pandas.DataFrame":
-        """A multi-turn chat in one `pipe.chat` session (prompts: text or (text, image)), one row per turn."""
+        self._check_open()
+        cfg = gen_config(**gen)
+        return deadline.call(lambda: self.pipe(prompts, gen_config=cfg), timeout, f"engine {self.name!r}",
+                             self._stuck())
+
+    def stream(self, prompt, timeout: float | None = None, **gen: Any) -> Iterator[Any]:
+        """Stream one prompt: yields lmdeploy Responses whose .text is the new piece; a RequestTimeout when
+        no piece comes for `timeout` seconds."""
+        from labkit import deadline
+
+        self._check_open()
+        cfg = gen_config(**gen)
+        yield from deadline.iterate(lambda: self.pipe.stream_infer(prompt, gen_config=cfg), timeout,
+                                    f"engine {self.name!r} (streaming)", self._stuck())
+
+    def chat_turns(self, prompts: list, timeout: float | None = None, **gen: Any) -> "pandas.DataFrame":
+        """A multi-turn chat in one `pipe.chat` session (prompts: text or (text, image)), one row per turn
+        (each turn limited to `timeout` seconds)."""
         import pandas as pd
+
+        from labkit import deadline
 
         self._check_open()
         cfg, session, rows = gen_config(**gen), None, []
         try:
             for turn, prompt in enumerate(prompts, 1):
-                session = self.pipe.chat(prompt, session=session, gen_config=cfg)
+                session = deadline.call(lambda p=prompt, s=session: self.pipe.chat(p, session=s, gen_config=cfg),
+                                        timeout, f"engine {self.name!r} (chat turn {turn})", self._stuck())
                 r = session.response
                 rows.append({"turn": turn, "prompt": prompt[0] if isinstance(prompt, tuple) else prompt,
                              "reply": r.text, "input_token_len": r.input_token_len,

@@ -81,9 +81,12 @@ SPECS: dict[str, Spec] = {
 
 
 # Builders registered by other modules: name -> (version, build(dir)). Modules in _PLUGINS
-# register theirs when imported (lab 05's tiny-vl lives with the vision code).
+# register theirs when imported (lab 05's tiny-vl lives with the vision code, tiny-internlm2 in
+# labkit.internlm2). A builder may return a dict of fields for the folder's marker file.
 _EXTRA: dict[str, tuple[int, object]] = {}
-_PLUGINS = ("labkit.vision",)
+_ABOUT: dict[str, str] = {}
+_PLUGINS = ("labkit.vision", "labkit.internlm2")
+MARKER = "labkit-generated.json"  # in every generated folder: what labkit built, read by info()
 
 
 def _load_plugins() -> None:
@@ -103,9 +106,30 @@ def available() -> list[str]:
     return sorted(SPECS) + sorted(_EXTRA)
 
 
-def register(name: str, version: int, build) -> None:
-    """Register another generated model (used by lab 05 for its vision-language model)."""
+def register(name: str, version: int, build, about: str = "") -> None:
+    """Register another generated model (lab 05's vision-language model, tiny-internlm2, trained models)."""
     _EXTRA[name] = (version, build)
+    if about:
+        _ABOUT[name] = about
+
+
+def about(name: str) -> str:
+    """One line on what generated model `name` is for."""
+    return SPECS[name].about if name in SPECS else _ABOUT.get(name, "")
+
+
+def info(model_dir: str | Path) -> dict | None:
+    """What labkit wrote into a generated model's folder (its marker), or None for any other folder."""
+    try:
+        return json.loads((Path(model_dir) / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def random_weights(model_dir: str | Path) -> bool:
+    """True for a folder labkit generated with random weights (it writes nonsense, calls no tools)."""
+    found = info(model_dir)
+    return found is not None and bool(found.get("random_weights", True))
 
 
 def model_dir(name: str) -> Path:
@@ -123,19 +147,19 @@ def ensure(name: str, quiet: bool = False) -> Path:
 
         raise ModelNotFoundError(f"no generated model called {name!r}; choose one of {available()}")
     target = model_dir(name)
-    if (target / "labkit-generated.json").is_file():
+    if (target / MARKER).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     start = time.perf_counter()
     try:
+        marker = {"name": name, "spec": asdict(SPECS[name]) if name in SPECS else None, "random_weights": True}
         if name in SPECS:
             build_chat_model(SPECS[name], tmp)
         else:
-            _EXTRA[name][1](tmp)
-        (tmp / "labkit-generated.json").write_text(json.dumps(
-            {"name": name, "seconds": round(time.perf_counter() - start, 1),
-             "spec": asdict(SPECS[name]) if name in SPECS else None}, indent=1))
+            marker.update(_EXTRA[name][1](tmp) or {})
+        marker["seconds"] = round(time.perf_counter() - start, 1)
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
         os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, target)

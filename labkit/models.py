@@ -80,8 +80,13 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def default(kind: str = "chat") -> str:
-    """The model a lab uses: LABKIT_MODEL, else the course model, else (no GPU) a generated one."""
-    env = os.environ.get("LABKIT_MODEL_VISION" if kind == "vision" else "LABKIT_MODEL")
+    """The model a lab uses: LABKIT_MODEL_<NN> for lab NN (e.g. LABKIT_MODEL_02), else LABKIT_MODEL, else the
+    course model, else (no GPU) a generated one."""
+    from labkit.evidence import _context
+
+    lab = (_context.get("notebook") or "")[:2]
+    per_lab = os.environ.get(f"LABKIT_MODEL_{lab}") if kind == "chat" and lab.isdigit() else None
+    env = per_lab or os.environ.get("LABKIT_MODEL_VISION" if kind == "vision" else "LABKIT_MODEL")
     if env:
         return env
     from labkit.gpu import has_cuda

@@ -227,7 +227,10 @@ def perplexity(engine, text: str | Path | None = None, seqlen: int = 512, window
     remote = needs_remote_code(model_dir)
     tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=remote)
     chunks = _windows(tok, Path(text or default_text(_original_of(source))), seqlen, windows)
-    losses = engine.pipe.get_ppl(chunks)  # mean cross-entropy per window (nats/token)
+    from labkit import deadline
+
+    losses = deadline.call(lambda: engine.pipe.get_ppl(chunks), None, f"perplexity on engine {engine.name!r}",
+                           engine._stuck())  # mean cross-entropy per window (nats/token)
     return float(math.exp(sum(losses) / len(losses)))
 
 
@@ -251,7 +254,8 @@ def profile_engine(engine, batch_sizes=(1, 32), new_tokens: int = 256, repeats: 
     from labkit import bench
     from labkit.kvcache import engine_capacity
 
-    row: dict[str, Any] = {"model": engine.model_dir.name, "GPU memory GiB": round(engine.memory_gib, 3)}
+    row: dict[str, Any] = {"model": engine.model_dir.name, "engine": engine.backend,
+                           "GPU memory GiB": round(engine.memory_gib, 3)}
     try:
         cap = engine_capacity(engine)
         row["KV cache GiB"] = round(cap["kv_bytes"] / GiB, 3)

@@ -64,12 +64,23 @@ def url_host(host: str) -> str:
 
 
 def openai_client(base_url: str, api_key: str = "none", timeout: float = 120.0, **kwargs: Any):
-    """An openai.OpenAI client for a server on this machine (…/v1 URL; proxy settings ignored)."""
+    """An openai.OpenAI client for a server on this machine (…/v1 URL; proxy settings ignored). A request
+    without an answer for `timeout` s fails once (no retries), saying what to do."""
     import httpx
     import openai
 
-    return openai.OpenAI(base_url=base_url, api_key=api_key,
-                         http_client=httpx.Client(trust_env=False, timeout=timeout), **kwargs)
+    class Explained(httpx.HTTPTransport):
+        def handle_request(self, request):
+            try:
+                return super().handle_request(request)
+            except httpx.TimeoutException as err:
+                raise type(err)(f"the server at {base_url} gave no answer within {timeout:g} s: it may be stuck or "
+                                f"overloaded; check server.alive and server.log_tail(), stop it (server.stop(), or "
+                                f"`labkit servers --stop`), or pass timeout=... to the client", request=request) from err
+
+    kwargs.setdefault("max_retries", 0)
+    return openai.OpenAI(base_url=base_url, api_key=api_key, **kwargs,
+                         http_client=httpx.Client(trust_env=False, timeout=timeout, transport=Explained()))
 
 
 def check_port(host: str, port: int) -> int:
@@ -580,6 +591,10 @@ def api_server_args(model_dir: str | Path, *, host: str, port: int, backend: str
     argv = ["lmdeploy", "serve", "api_server", str(model_dir), "--server-name", host, "--server-port", str(port),
             "--backend", backend, "--model-name", model_name, "--cache-max-entry-count", str(cache_ratio),
             "--quant-policy", str(quant_policy), "--log-level", log_level.upper()]
+    from labkit.engine import needs_remote_code
+
+    if needs_remote_code(model_dir):  # as Engine does: lmdeploy 0.18 defaults --trust-remote-code to off
+        argv.append("--trust-remote-code")
     if session_len is not None:
         argv += ["--session-len", str(session_len)]
     if tp != 1:

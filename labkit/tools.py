@@ -66,18 +66,26 @@ def check_parser(name: str) -> str:
 
 
 def parser_for(model: str | Path, model_dir: str | Path | None = None) -> str | None:
-    """The --tool-call-parser for a model: the catalogue's, else from its architecture; None if unknown."""
+    """The --tool-call-parser for a model, read from its folder (`model_dir`, or `model` if it is one): the
+    architecture in config.json decides, not the name asked for (a course name that fell back to
+    tiny-chat serves tiny-chat). Without a readable folder, the catalogue's; None if unknown."""
     from labkit.models import CATALOGUE
 
-    entry = CATALOGUE.get(str(model))
-    if entry is not None and entry.tool_parser:
-        return entry.tool_parser
-    cfg_path = Path(model_dir or model) / "config.json"
+    folder = Path(model_dir) if model_dir is not None else Path(str(model)).expanduser()
     try:
-        archs = json.loads(cfg_path.read_text()).get("architectures") or []
+        archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
     except (OSError, json.JSONDecodeError):
-        return None
+        entry = CATALOGUE.get(str(model))
+        return entry.tool_parser if entry is not None else None
     return next((_PARSER_BY_ARCH[a] for a in archs if a in _PARSER_BY_ARCH), None)
+
+
+def forced_for(model_dir: str | Path) -> bool:
+    """True where the folder's model cannot decide to call tools (labkit's random-weight generated models,
+    read from the marker labkit writes into them): lab 02 then forces each call (forced_rounds)."""
+    from labkit.generate import random_weights
+
+    return random_weights(model_dir)
 
 
 # ----------------------------------------------------------------------------- dispatch

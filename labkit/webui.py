@@ -322,18 +322,27 @@ def pick_model(ui: Any) -> str | None:
     """Fill the app's model picker from /v1/models (as the page does when it opens); the model it selects.
 
     Through its /models API. The picker accepts only models it lists, and each client session has its own."""
-    picked = _ui_client(ui).predict(api_name="/models")
+    from labkit import deadline
+
+    client = _ui_client(ui)
+    picked = deadline.call(lambda: client.predict(api_name="/models"), None, "the web UI's /models", _UI_FIX)
     return picked.get("value") if isinstance(picked, dict) else picked
 
 
+_UI_FIX = ("is the app still running (ui.url in a browser) and its server alive (server.alive, server.log_tail())? "
+           "close the app (ui.close()) and start it again")
+
+
 def ask(ui: Any, message: str, model: str | None = None, history: list | None = None, files: list | tuple = (),
-        system: str = "", updates: list | None = None, **gen: Any) -> list:
+        system: str = "", updates: list | None = None, timeout: float | None = None, **gen: Any) -> list:
     """Send `message` (+ image `files`) through the app's /chat API, as its Send button does; the history after.
 
     `ui`: a gradio_client.Client, a WebUI or the app's URL. The model picker is filled first (pick_model);
     model=None takes the model it selects. `gen`: max_new_tokens, top_p, top_k, temperature (else DEFAULTS).
     A list given as `updates` collects every streamed (textbox, history) update. A refusal (gr.Error in the
-    app) raises gradio_client's error with the app's message."""
+    app) raises gradio_client's error with the app's message; no answer within `timeout` s, a RequestTimeout."""
+    from labkit import deadline
+
     client = _ui_client(ui)
     if files:
         from gradio_client import handle_file
@@ -342,17 +351,25 @@ def ask(ui: Any, message: str, model: str | None = None, history: list | None = 
     picked = pick_model(client)
     model = picked if model is None else model
     job = client.submit(message, list(history or []), model, system, *_gen_args(gen), api_name="/chat")
-    if updates is not None:
-        updates.extend(job)
-    return job.result()[1]
+
+    def finish():
+        if updates is not None:
+            updates.extend(job)
+        return job.result()[1]
+
+    return deadline.call(finish, timeout, "the web UI's /chat", _UI_FIX)
 
 
-def retry(ui: Any, history: list, model: str | None = None, system: str = "", **gen: Any) -> list:
+def retry(ui: Any, history: list, model: str | None = None, system: str = "", timeout: float | None = None,
+          **gen: Any) -> list:
     """Regenerate the last reply of `history` through the app's /retry API (its Retry button); the new history."""
+    from labkit import deadline
+
     client = _ui_client(ui)
     picked = pick_model(client)
     model = picked if model is None else model
-    return client.predict(list(history), model, system, *_gen_args(gen), api_name="/retry")
+    return deadline.call(lambda: client.predict(list(history), model, system, *_gen_args(gen), api_name="/retry"),
+                         timeout, "the web UI's /retry", _UI_FIX)
 
 
 def _cli(args) -> int:

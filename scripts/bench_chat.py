@@ -42,25 +42,34 @@ def main(argv: list[str] | None = None) -> int:
                  warmup=args.warmup, repeats=args.repeats)
     start = time.perf_counter()
 
-    with HFEngine(model_dir) as hf:  # closed (GPU memory freed) before lmdeploy starts
-        print("transformers:", hf.describe(), flush=True)
-        hf_table = bench.measure(hf, **sizes)
-    print(hf_table.to_string(index=False), flush=True)
+    import json
+
+    quant = json.loads((model_dir / "config.json").read_text()).get("quantization_config") or {}
+    hf_table = None
+    if quant.get("quant_method") == "awq":  # transformers needs an extra GPU package (gptqmodel) for these files
+        print(f"transformers baseline skipped: {model_dir.name} is an AWQ model, which transformers cannot load "
+              f"without gptqmodel; measuring LMDeploy only (bench_engines.py compares it with bf16)", flush=True)
+    else:
+        with HFEngine(model_dir) as hf:  # closed (GPU memory freed) before lmdeploy starts
+            print("transformers:", hf.describe(), flush=True)
+            hf_table = bench.measure(hf, **sizes)
+        print(hf_table.to_string(index=False), flush=True)
 
     with Engine(model_dir, backend=args.backend, cache_ratio=args.cache_ratio, name="bench") as eng:
         print("lmdeploy:", eng.describe(), flush=True)
         lmd_table = bench.measure(eng, **sizes)
         print(lmd_table.to_string(index=False), flush=True)
         over = None if args.no_overhead else bench.overhead(eng)
-    roof = bench.roofline(model_dir, (hf_table, lmd_table)) if 1 in args.batches else None
-    table = bench.compare(hf_table, lmd_table)
+    tables = (lmd_table,) if hf_table is None else (hf_table, lmd_table)
+    roof = bench.roofline(model_dir, tables) if 1 in args.batches else None
+    table = lmd_table if hf_table is None else bench.compare(hf_table, lmd_table)
     print(table.to_string(index=False))
 
     header, command = bench.report_header(
         "scripts/bench_chat.py", argv, gpu.name, args.model, model_dir,
         f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (ignore_eos), warm-up {args.warmup}, "
-        f"median of {args.repeats}; transformers `generate` (bf16) vs LMDeploy's "
-        f"{lmd_table['engine'].iloc[0].split()[-1]} engine", time.perf_counter() - start)
+        f"median of {args.repeats}; " + ("" if hf_table is None else "transformers `generate` (bf16) vs ")
+        + f"LMDeploy's {lmd_table['engine'].iloc[0].split()[-1]} engine", time.perf_counter() - start)
     lines = [header, "", bench.markdown(table.rename(columns=lambda c: c.replace("TTFT ms", "TTFT ms (median)"))), ""]
     if roof is not None:
         lines += [f"Batch-1 decode roofline: {roof.attrs['bandwidth_GBps']:,.0f} GB/s measured bandwidth / "

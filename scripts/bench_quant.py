@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=256)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (faster start, slower decode)")
+    p.add_argument("--backend", default="pytorch", choices=["auto", "turbomind", "pytorch"],
+                   help="engine for bf16 vs AWQ (the KV-cache part always runs on the PyTorch engine: its KV blocks "
+                        "and labkit's predictor are that engine's); both engines side by side: bench_engines.py")
     p.add_argument("--out", type=Path, help="write the markdown section here")
     p.add_argument("--append", type=Path, help="append the section to this file (replacing an earlier one)")
     p.add_argument("--from-file", type=Path, help="measure nothing: put this earlier --out file into --append")
@@ -66,16 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     awq_info = quant.info(awq_dir)
     stamp(f"AWQ {awq_dir.name} ({awq_info['seconds']} s when made, calibration: {awq_info['calibration']['name']})")
 
-    engine_kw = dict(backend="pytorch", cache_ratio=ratio, eager=args.eager, name="bench-quant")
+    kv_kw = dict(backend="pytorch", cache_ratio=ratio, eager=args.eager, name="bench-quant")
+    engine_kw = {**kv_kw, "backend": args.backend}
+    if args.backend != "pytorch":
+        print(f"bf16 vs AWQ on backend {args.backend}; the KV-cache part on the PyTorch engine (TurboMind keeps its "
+              f"KV blocks in C++, and labkit's predictor is the PyTorch engine's)")
     measure = dict(batch_sizes=tuple(args.batches), new_tokens=args.new_tokens, repeats=args.repeats,
                    prompt_tokens=args.prompt_tokens, ppl_windows=args.ppl_windows)
     weights_rows, kv_rows, reference = [], [], None
     for label, folder in (("bf16", model_dir), ("AWQ W4A16", awq_dir)):
         predicted = kvcache.predict(folder, ratio, 0) if label == "bf16" else None
         with Engine(folder, **engine_kw) as eng:
-            stamp(f"{label} engine up in {eng.start_seconds:.0f} s")
+            stamp(f"{label} engine up in {eng.start_seconds:.0f} s ({eng.backend}: {eng.backend_reason})")
             row = quant.profile_engine(eng, **measure)
-            if label == "bf16":  # this engine is also the fp16-KV reference
+            if label == "bf16" and eng.backend == "pytorch":  # this engine is also the fp16-KV reference
                 same_batch = args.concurrency in args.batches
                 kv_row, reference = kvcache.measure_engine(
                     eng, PROMPTS, args.concurrency, args.new_tokens, args.repeats, args.agree_tokens, predicted,
@@ -85,14 +92,17 @@ def main(argv: list[str] | None = None) -> int:
         row = {"model": label, "disk MiB": quant.disk_size(folder) / 2**20, **{k: v for k, v in row.items() if k != "model"}}
         weights_rows.append(row)
         stamp(f"{label}: {row}")
-    for policy in (8, 4):
+    for policy in ((8, 4) if kv_rows else (0, 8, 4)):  # 0 too when the bf16 engine above was not the PyTorch one
         predicted = kvcache.predict(model_dir, ratio, policy)
-        with Engine(model_dir, quant_policy=policy, **engine_kw) as eng:
+        with Engine(model_dir, quant_policy=policy, **kv_kw) as eng:
             stamp(f"kv policy {policy} engine up in {eng.start_seconds:.0f} s")
             kv_row, ids = kvcache.measure_engine(eng, PROMPTS, args.concurrency, args.new_tokens, args.repeats,
                                                  args.agree_tokens, predicted, prompt_tokens=args.prompt_tokens)
         kv_rows.append(kv_row)
         stamp(f"kv {policy}: {kv_row}")
+        if reference is None:
+            reference = ids
+            continue
         kv_row["same tokens as fp16 KV %"], kv_row["identical prefix (tokens)"] = kvcache.agreement(reference, ids)
     kv_rows[0]["same tokens as fp16 KV %"], kv_rows[0]["identical prefix (tokens)"] = 100.0, float(args.agree_tokens)
 
@@ -107,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     header, command = bench.report_header(
         "scripts/bench_quant.py", argv, gpu.name, args.model, model_dir,
-        f"LMDeploy PyTorch engine, cache_max_entry_count {ratio}, {'eager' if args.eager else 'CUDA graphs'}; "
+        f"LMDeploy {weights_rows[0].get('engine', args.backend)} engine for bf16 vs AWQ, PyTorch engine for the KV "
+        f"cache, cache_max_entry_count {ratio}, {'eager' if args.eager else 'CUDA graphs'}; "
         f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (ignore_eos), warm-up 1, median of "
         f"{args.repeats}", time.perf_counter() - start)
     cal = awq_info["calibration"]
@@ -133,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_section(path: Path, text: str) -> None:
-    """Put `text` (which starts with BEGIN and ends with END) into `path`, replacing an earlier run's section."""
+def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put `text` (which starts with `begin` and ends with `end`) into `path`, replacing an earlier run's section."""
     old = path.read_text(encoding="utf-8") if path.exists() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + text.rstrip("\n") + rest.split(END, 1)[1]
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + text.rstrip("\n") + rest.split(end, 1)[1]
     else:
         new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + text
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,19 +8,45 @@
 #  - a GPU machine with network: scripts/setup.sh builds .venv as for students;
 #  - the offline runner (torch preinstalled): `make wheelhouse` here, carry .wheelhouse/,
 #    and this script installs it with --target so the runner's torch stays in charge.
+#
+# Engines: `--backend turbomind|pytorch` runs every notebook and gpu test on that engine (LABKIT_BACKEND,
+# which labkit's backend 'auto' honours); without it, 'auto' picks TurboMind wherever it can run, as
+# for students. TurboMind's CUDA 12 libraries come from `make turbomind-chunks` (.turbomind/): carry
+# them to /tmp/labkit-tm (see DEVELOPERS.md) and this script installs them. Labs 01 and 02, whose
+# course model is InternLM2.5, run on generated:tiny-internlm2 (built like it) unless LABKIT_MODEL_01 /
+# LABKIT_MODEL_02 say otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+backend=auto
+bench=0
+pass=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bench) bench=1; shift ;;  # instead of the tests: scripts/bench_engines.py (bf16 vs AWQ on both engines)
+    --backend)
+      case "${2:-}" in
+        turbomind|pytorch|auto) backend=$2; shift 2 ;;
+        *) echo "--backend takes turbomind, pytorch or auto, not '${2:-}'" >&2; exit 2 ;;
+      esac ;;
+    *) pass+=("$1"); shift ;;
+  esac
+done
+set -- ${pass[@]+"${pass[@]}"}
 # By default every notebook and every test marked `gpu`; CPU-only unit tests run in CI (make test).
-# `--part 1` / `--part 2` / `--part 3` split it in pieces of under 10 minutes each (for a runner that allows
-# 10 minutes a command); or name test files / notebooks (and pytest options) yourself.
-case "${1:-}" in
+# `--part 1` / `--part 2` / `--part 3` split it in pieces of under 10 minutes each on the PyTorch engine (for a
+# runner that allows 10 minutes a command); or name test files / notebooks (and pytest options) yourself.
+# The gpu tests of the engines and the InternLM2-shaped model go with part 1 (notebooks 00-03 are the shorter
+# half); part 3 is the trained model's numbers (tool calls, story, AWQ and KV quality) and lab 01's speed claims.
+PART1_TESTS=(tests/test_internlm2.py tests/test_deadline.py tests/test_backends.py)
+PART3_TESTS=(tests/test_trained_gpu.py tests/test_speed_gpu.py)
+[ "$bench" = 0 ] && case "${1:-}" in
   "") set -- notebooks tests -m "gpu or notebook" ;;
   --part)
     case "${2:-}" in
-      1) set -- notebooks/0[0-3]_*.ipynb ;;
-      2) set -- notebooks/0[4-9]_*.ipynb tests -m "gpu or notebook" \
-           --ignore=tests/test_trained_gpu.py --ignore=tests/test_speed_gpu.py ;;
-      3) set -- tests/test_trained_gpu.py tests/test_speed_gpu.py -s ;;  # the trained model's numbers, speed
+      1) set -- notebooks/0[0-3]_*.ipynb "${PART1_TESTS[@]}" -m "gpu or notebook" ;;
+      2) set -- notebooks/0[4-9]_*.ipynb tests "${PART1_TESTS[@]/#/--ignore=}" "${PART3_TESTS[@]/#/--ignore=}" \
+           -m "gpu or notebook" ;;
+      3) set -- "${PART3_TESTS[@]}" -m "gpu or notebook" -s ;;
       *) echo "--part takes 1, 2 or 3, not '${2:-}'" >&2; exit 2 ;;
     esac ;;
 esac
@@ -32,21 +58,64 @@ if [ ! -d .venv ] && python3 -c "import lmdeploy, nbval" 2>/dev/null; then
 elif [ -d .wheelhouse ] && ! python3 -c "import lmdeploy" 2>/dev/null; then
   site=/tmp/labkit-site
   start=$(date +%s)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$site" .wheelhouse/*.whl || exit 1
-  for extra in .wheelhouse-*; do
-    [ -d "$extra" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-      --upgrade --target "$site" "$extra"/*.whl
-  done
+  if [ -f "$site/.labkit-installed" ]; then  # a warm runner: an earlier call (--part 1) installed it
+    echo "wheelhouse already installed in $site"
+  else
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$site" .wheelhouse/*.whl || exit 1
+    for extra in .wheelhouse-*; do
+      [ -d "$extra" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target "$site" "$extra"/*.whl
+    done
+    touch "$site/.labkit-installed"
+    echo "wheelhouse installed to $site in $(( $(date +%s) - start )) s"
+  fi
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
   PY=python3
-  echo "wheelhouse installed to $site in $(( $(date +%s) - start )) s"
+  # TurboMind (full lmdeploy wheel + CUDA 12 libraries), when its chunks were carried to $tm.
+  tm=${LABKIT_TM:-/tmp/labkit-tm}
+  if [ -d .turbomind ] && [ ! -f "$tm/env" ]; then  # carried with this call: setup/ and/or chunks
+    mkdir -p "$tm" && cp -r .turbomind/. "$tm/"
+  fi
+  if [ -d "$tm/setup" ] && [ ! -f "$tm/env" ]; then
+    CHUNKS=$tm bash "$tm/setup/install-on-runner" "$site" || {
+      [ "$backend" = turbomind ] && exit 3
+      echo "TurboMind not installed (see above): going on with lmdeploy's PyTorch engine"; }
+  fi
+  [ -f "$tm/env" ] && . "$tm/env"
 else
   scripts/setup.sh || exit 1
   PY=.venv/bin/python
   export PATH="$PWD/.venv/bin:$PATH"
 fi
+if [ "$backend" = turbomind ]; then
+  # One line, before anything runs, if TurboMind cannot load here.
+  $PY - <<'PY' || exit 3
+import sys
+from labkit.engine import TURBOMIND_HOWTO, turbomind_missing
+missing = turbomind_missing()
+if not missing:
+    try:
+        from lmdeploy.turbomind import _turbomind  # noqa: F401
+    except Exception as err:
+        missing = [f"a loadable TurboMind binary ({type(err).__name__}: {str(err)[:120]})"]
+if missing:
+    sys.exit(f"--backend turbomind: TurboMind cannot load here, missing {', '.join(missing)}; get them with "
+             f"{TURBOMIND_HOWTO} (chunks carried to /tmp/labkit-tm)")
+PY
+fi
+[ "$backend" != auto ] && export LABKIT_BACKEND=$backend
+export LABKIT_MODEL_01="${LABKIT_MODEL_01:-generated:tiny-internlm2}" LABKIT_MODEL_02="${LABKIT_MODEL_02:-generated:tiny-internlm2}"
+echo "backend: $backend | labs 01, 02 on $LABKIT_MODEL_01, $LABKIT_MODEL_02 | other labs on ${LABKIT_MODEL:-generated:tiny-chat}"
 $PY -m labkit.cli doctor --offline
+if [ "$bench" = 1 ]; then
+  engines="turbomind pytorch"
+  [ "$backend" != auto ] && engines=$backend
+  unset LABKIT_BACKEND
+  timeout -s INT "${SUITE_TIMEOUT:-570}" $PY scripts/bench_engines.py --backends $engines \
+    --out "$LABKIT_REPORT_DIR/bench-engines.md" "$@" 2>&1 | tee "$LABKIT_REPORT_DIR/bench.log"
+  exit "${PIPESTATUS[0]}"
+fi
 # SIGINT at the limit lets pytest still print and write its summary (the runner allows 10 minutes a command).
 timeout -s INT "${SUITE_TIMEOUT:-570}" $PY -m pytest --durations=40 --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
   -p no:cacheprovider -rA "$@" 2>&1 | tee "$LABKIT_REPORT_DIR/pytest.log"
