@@ -54,9 +54,9 @@ class CalibSource:
 def local_text(model_dir: str | Path | None = None) -> tuple[str, str]:
     """(name, path) of the local calibration text: a trained model's own kind of text, else labkit's corpus."""
     if model_dir is not None and (Path(model_dir) / "labkit-trained.json").is_file():
-        from labkit.train import calibration_text
+        from labkit.train import arch_of, calibration_text
 
-        path = calibration_text()
+        path = calibration_text(arch_of(model_dir))
         return path.name, str(path)
     return "corpus.txt", str(config.data_file("corpus.txt"))
 

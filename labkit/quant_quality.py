@@ -34,14 +34,15 @@ BREAKS = ("scales x3", "dropped tensor", "wrong group size")
 HELDOUT_CONVERSATIONS = 300
 
 
-def heldout_text() -> Path:
-    """Held-out generated conversations (another seed than training), rendered as the models read them."""
+def heldout_text(arch: str = "qwen2") -> Path:
+    """Held-out generated conversations (another seed than training), rendered as `arch`'s models read them."""
     from labkit import corpus, train
 
-    path = config.home() / "heldout" / f"chat-c{corpus.CORPUS_VERSION}-s{train.HELDOUT_SEED}.txt"
+    suffix = "" if arch == "qwen2" else f"-{arch}"
+    path = config.home() / "heldout" / f"chat-c{corpus.CORPUS_VERSION}-s{train.HELDOUT_SEED}{suffix}.txt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        texts = train.render(corpus.conversations(HELDOUT_CONVERSATIONS, train.HELDOUT_SEED))
+        texts = train.render(corpus.conversations(HELDOUT_CONVERSATIONS, train.HELDOUT_SEED), arch=arch)
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(texts), encoding="utf-8")
         tmp.replace(path)
@@ -50,9 +51,9 @@ def heldout_text() -> Path:
 
 def default_text(model_dir: str | Path) -> Path:
     """The held-out text for a model: its generator's held-out conversations if labkit trained it."""
-    from labkit.train import META as TRAINED
+    from labkit.train import arch_of, is_trained
 
-    return heldout_text() if (Path(model_dir) / TRAINED).is_file() else config.data_file("heldout.txt")
+    return heldout_text(arch_of(model_dir)) if is_trained(model_dir) else config.data_file("heldout.txt")
 
 
 def _windows(tokenizer, text_path: Path, seqlen: int, windows: int | None) -> list[list[int]]:

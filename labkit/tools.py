@@ -187,7 +187,8 @@ class LocalClient:
         msgs, offered = server_view(messages, tools if tool_choice != "none" else None)
         text = self.engine.tokenizer.apply_chat_template(msgs, tools=offered, tokenize=False,
                                                          add_generation_prompt=True)
-        reply = self.engine.generate_text(text, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        reply = self.engine.generate_text(text, skip_special_tokens=not offered, max_new_tokens=max_tokens,
+                                          temperature=temperature, top_p=top_p)
         parsed = parse_reply(reply.text, self.parser, tools or TOOLS) if offered else \
             {"content": reply.text, "tool_calls": []}
         calls = [NS(id=f"call_{i}", type="function", function=NS(name=c["name"], arguments=c["arguments"]))

@@ -27,7 +27,7 @@ from pathlib import Path
 from labkit import config
 
 META = "labkit-trained.json"
-FORMAT_VERSION = 1  # bump when the files of a trained model change
+FORMAT_VERSION = 2  # bump when the files of a trained model change
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
+    "tiny-internlm2-chat": Recipe(arch="internlm2", about="InternLM2.5's structure (remote code, packed wqkv) "
+                                  "and tool format (--tool-call-parser internlm), 3 layers, 0.77M parameters, "
+                                  "trained like tiny-chat"),
     "tiny-chat": Recipe(about="Qwen2 shape, 3 layers, 0.77M parameters, trained here on generated chat, "
                               "stories, sums and add/mul tool use; says it is not InternLM2.5"),
 }
@@ -61,15 +64,36 @@ class TrainError(ValueError):
     """A trained model that cannot be made or used; the message says what to do."""
 
 
+ARCHS = ("qwen2", "internlm2")
+
+
+def chat_format(arch: str) -> tuple[str, list[str], str, str | None]:
+    """(chat template, special tokens, end token, bos token) of an architecture's chat format."""
+    if arch == "qwen2":
+        from labkit.generate import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+        return CHAT_TEMPLATE, SPECIAL_TOKENS, "<|im_end|>", None
+    if arch == "internlm2":
+        from labkit import internlm2
+
+        return internlm2.CHAT_TEMPLATE, internlm2.SPECIAL_TOKENS, "<|im_end|>", "<s>"
+    raise TrainError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+
+
+def arch_of(model_dir: str | Path) -> str:
+    """The chat format a trained model's folder was made with (its labkit-trained.json)."""
+    return json.loads((Path(model_dir) / META).read_text())["recipe"]["arch"]
+
+
 @functools.lru_cache(maxsize=8)
 def recipe_hash(recipe: Recipe) -> str:
     """A short hash of the recipe, the corpus version, the chat template and the training text itself."""
     from labkit import corpus
-    from labkit.generate import CHAT_TEMPLATE
 
     h = hashlib.sha256(json.dumps({"recipe": asdict(recipe), "corpus": corpus.CORPUS_VERSION,
-                                   "format": FORMAT_VERSION, "template": CHAT_TEMPLATE}, sort_keys=True).encode())
-    for text in render(corpus.conversations(recipe.conversations, recipe.seed)):
+                                   "format": FORMAT_VERSION, "template": chat_format(recipe.arch)[0]},
+                                  sort_keys=True).encode())
+    for text in render(corpus.conversations(recipe.conversations, recipe.seed), arch=recipe.arch):
         h.update(text.encode())
     return h.hexdigest()[:16]
 
@@ -79,16 +103,16 @@ def is_trained(model_dir: str | Path) -> bool:
     return (Path(model_dir) / META).is_file()
 
 
-def calibration_text(conversations: int = 600) -> Path:
+def calibration_text(arch: str = "qwen2", conversations: int = 600) -> Path:
     """Conversations of the training generator (seed 1: neither the training set nor the held-out text),
-    rendered, as a text file: AWQ calibration text of the trained models' own kind."""
+    rendered in `arch`'s chat format, as a text file: AWQ calibration text of the trained models' own kind."""
     from labkit import corpus
 
-    path = config.home() / "heldout" / f"calib-c{corpus.CORPUS_VERSION}-n{conversations}.txt"
+    path = config.home() / "heldout" / f"calib-{arch}-c{corpus.CORPUS_VERSION}-n{conversations}.txt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(render(corpus.conversations(conversations, seed=1))), encoding="utf-8")
+        tmp.write_text("".join(render(corpus.conversations(conversations, seed=1), arch=arch)), encoding="utf-8")
         tmp.replace(path)
     return path
 
@@ -100,31 +124,26 @@ def shipped_dir(name: str) -> Path:
 
 # ----------------------------------------------------------------------------- rendering
 
-_render_tok = None
-
-
-def _template_tokenizer():
+@functools.lru_cache(maxsize=4)
+def _template_tokenizer(arch: str):
     """A bytes-only tokenizer carrying the chat template: renders text before the real tokenizer exists."""
-    global _render_tok
-    if _render_tok is None:
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-        from labkit.generate import CHAT_TEMPLATE, SPECIAL_TOKENS
-
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.add_special_tokens(SPECIAL_TOKENS)
-        _render_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>")
-        _render_tok.chat_template = CHAT_TEMPLATE
-    return _render_tok
+    template, special, end, bos = chat_format(arch)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.add_special_tokens(special)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=end, bos_token=bos)
+    fast.chat_template = template
+    return fast
 
 
-def render(convs: list[tuple[str, list[dict]]], tokenizer=None) -> list[str]:
+def render(convs: list[tuple[str, list[dict]]], tokenizer=None, arch: str = "qwen2") -> list[str]:
     """Each conversation as the text the model reads (tool conversations with the course's tools offered)."""
     from labkit.tools import TOOLS, server_view
 
-    tok = tokenizer or _template_tokenizer()
+    tok = tokenizer or _template_tokenizer(arch)
     out = []
     for kind, msgs in convs:
         msgs, tools = server_view(msgs, TOOLS if kind == "tools" else None)
@@ -134,23 +153,33 @@ def render(convs: list[tuple[str, list[dict]]], tokenizer=None) -> list[str]:
 
 # ----------------------------------------------------------------------------- tokenizer and model
 
-def train_tokenizer(texts: list[str], vocab: int, out_dir: Path):
-    """Byte-level BPE on the rendered text (digits one per token), exactly `vocab` entries, chat template set."""
+def train_tokenizer(texts: list[str], vocab: int, out_dir: Path, recipe: "Recipe | None" = None):
+    """Byte-level BPE on the rendered text (digits one per token), exactly `vocab` entries, chat template set.
+    For InternLM2 the model's other files (config.json, remote code) are written too (labkit.internlm2)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from labkit.generate import CHAT_TEMPLATE, SPECIAL_TOKENS, template_in_tokenizer_config
+    from labkit.generate import CHAT_TEMPLATE, template_in_tokenizer_config
+
+    from tokenizers import Regex
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tok = Tokenizer(models.BPE())
-    # Newlines alone (a reply starts after the template's "assistant\n": no token may straddle that seam),
-    # digits one per token (sums and tool arguments are copied digit by digit), merges across spaces otherwise.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
-                                                 pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    # Qwen2's own pre-tokenizer (transformers rebuilds it for every qwen2 folder, whatever tokenizer.json says):
+    # words, single digits (sums and tool arguments are copied digit by digit), runs of newlines.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIAL_TOKENS, show_progress=False, max_token_length=12,
+    arch = recipe.arch if recipe else "qwen2"
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=chat_format(arch)[1], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    tok = _newlines_alone(tok)
+    if arch == "internlm2":
+        from labkit import internlm2
+
+        return internlm2.write_model_files(out_dir, _spec(recipe), tokenizer=tok)
     data = json.loads(tok.to_str())
     nxt = len(data["model"]["vocab"]) + len([t for t in data["added_tokens"] if t["content"] not in
                                              data["model"]["vocab"]])
@@ -168,7 +197,33 @@ def train_tokenizer(texts: list[str], vocab: int, out_dir: Path):
     return fast
 
 
-def _model(recipe: Recipe, tok):
+def _newlines_alone(tok):
+    """The tokenizer without merges that contain a newline, so a newline is always its own token. A reply
+    starts right after the template's "assistant\n", and a tool call's reply starts "\n<tool_call>": a merged
+    "\n\n" in training would never follow the prompt's lone "\n" when the model is served."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    merges = data["model"]["merges"]
+    as_pair = (lambda m: m) if merges and isinstance(merges[0], list) else (lambda m: m.split(" ", 1))
+    data["model"]["merges"] = [m for m in merges if not any("Ċ" in part for part in as_pair(m))]
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def _spec(recipe: Recipe):
+    from labkit.internlm2 import InternLM2Spec
+
+    return InternLM2Spec(hidden=recipe.hidden, intermediate=recipe.intermediate, layers=recipe.layers,
+                         heads=recipe.heads, kv_heads=recipe.kv_heads, vocab=recipe.vocab, max_positions=4096,
+                         rope_theta=10000.0, seed=recipe.seed).check()
+
+
+def _model(recipe: Recipe, tok, folder: Path):
+    if recipe.arch == "internlm2":
+        from labkit.internlm2 import model_classes
+
+        config_cls, model_cls = model_classes()
+        return model_cls(config_cls(**json.loads((folder / "config.json").read_text())))
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     end, im_end = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")
@@ -182,15 +237,19 @@ def _model(recipe: Recipe, tok):
 
 
 def _batches(ids: list[list[int]], batch: int, pad: int, rng):
-    """Batches of conversations of every kind mixed, in a seeded random order, padded to their longest.
-    (Batches of one kind each, though cheaper to pad, make a model this small forget the others.)"""
+    """Batches in a seeded random order, each from one of two length buckets (tool transcripts, the rest)
+    with the kinds mixed inside, padded to their longest."""
     import torch
 
-    order = list(range(len(ids)))
+    cut = sorted(len(x) for x in ids)[len(ids) // 2]
+    buckets = [[i for i in range(len(ids)) if len(ids[i]) > cut], [i for i in range(len(ids)) if len(ids[i]) <= cut]]
     while True:
-        rng.shuffle(order)
-        for start in range(0, len(order) - batch + 1, batch):
-            g = order[start:start + batch]
+        groups = []
+        for bucket in buckets:
+            rng.shuffle(bucket)
+            groups += [bucket[i:i + batch] for i in range(0, len(bucket) - batch + 1, batch)]
+        rng.shuffle(groups)
+        for g in groups:
             n = max(len(ids[i]) for i in g)
             x = torch.full((len(g), n), pad, dtype=torch.long)
             mask = torch.zeros((len(g), n), dtype=torch.long)
@@ -218,12 +277,17 @@ def train(name: str, out_dir: Path | None = None, recipe: Recipe | None = None, 
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(int(os.environ.get("LABKIT_TRAIN_THREADS", "1")))  # 1: fastest on a shared CPU
-    texts = render(corpus.conversations(recipe.conversations, recipe.seed))
+    texts = render(corpus.conversations(recipe.conversations, recipe.seed), arch=recipe.arch)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
-        tok = train_tokenizer(texts, recipe.vocab, tmp)
+        tok = train_tokenizer(texts, recipe.vocab, tmp, recipe)
+        model = _model(recipe, tok, tmp)
+        model.config.save_pretrained(tmp)
+        # Train on the tokenizer exactly as transformers and lmdeploy will load it from the folder.
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tmp), trust_remote_code=recipe.arch == "internlm2")
         ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
-        model = _model(recipe, tok)
         opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup) * 0.5 * (
             1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps)))
@@ -244,9 +308,14 @@ def train(name: str, out_dir: Path | None = None, recipe: Recipe | None = None, 
                 print(f"step {step:>5}/{recipe.steps}  loss {loss.item():.3f}  "
                       f"{time.perf_counter() - start:.0f} s", flush=True)
         model = model.to(torch.bfloat16).eval()
-        model.config.dtype = "bfloat16"
-        model.save_pretrained(tmp)
-        save_generation_config(tmp, tok)
+        if recipe.arch == "internlm2":
+            from labkit.internlm2 import write_weights
+
+            write_weights(tmp, _spec(recipe), model.state_dict())
+        else:
+            model.config.dtype = "bfloat16"
+            model.save_pretrained(tmp)
+            save_generation_config(tmp, tok)
         meta = {"name": name, "recipe": asdict(recipe), "recipe_hash": digest, "corpus_version": corpus.CORPUS_VERSION,
                 "parameters": sum(p.numel() for p in model.parameters()), "seconds": round(time.perf_counter() - start),
                 "loss_first": losses[0], "loss_last_50": round(sum(losses[-50:]) / len(losses[-50:]), 4),

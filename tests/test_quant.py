@@ -210,7 +210,7 @@ def trained_awq(tmp_path_factory):
 
 def test_trained_model_is_calibrated_on_its_own_kind_of_text(trained_awq):
     used = quant.info(trained_awq[1])["calibration"]
-    assert used["kind"] == "local" and used["name"].startswith("calib-c"), used
+    assert used["kind"] == "local" and used["name"].startswith("calib-qwen2-"), used
 
 
 def test_awq_of_the_trained_model_passes_the_labs_quality_checks(trained_awq):
