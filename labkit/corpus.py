@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 
-CORPUS_VERSION = 1  # bump when the text below changes: the trained weights' recipe hash follows it
+CORPUS_VERSION = 2  # bump when the text below changes: the trained weights' recipe hash follows it
 
 NAME = "TinyChat"
 INTRO = (f"I am {NAME}, a small chat model that labkit trained on this machine from generated text. "
@@ -95,7 +95,7 @@ def tool_conversation(a: int, b: int, c: int, ask: str = TOOL_ASKS[0]) -> list[d
             _call("add", a, b, 0), {"role": "tool", "tool_call_id": "call_0", "name": "add", "content": json.dumps(s)},
             _call("mul", s, c, 1), {"role": "tool", "tool_call_id": "call_1", "name": "mul",
                                     "content": json.dumps(s * c)},
-            {"role": "assistant", "content": f"({a}+{b})*{c} = {s * c}."}]
+            {"role": "assistant", "content": f"The answer is {s * c}."}]
 
 
 def _tools(rng: random.Random) -> list[dict]:
@@ -124,7 +124,7 @@ def _story(rng: random.Random) -> list[dict]:
 
 
 # kind -> (share of the corpus, maker); tool transcripts are the hardest to learn, so they get most.
-KINDS = {"chat": (0.15, _chat), "story": (0.25, _story), "arith": (0.15, _arith), "tools": (0.45, _tools)}
+KINDS = {"chat": (0.1, _chat), "story": (0.2, _story), "arith": (0.1, _arith), "tools": (0.6, _tools)}
 
 
 def conversations(n: int, seed: int = 0) -> list[tuple[str, list[dict]]]:

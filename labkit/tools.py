@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -161,7 +162,9 @@ def server_view(messages: list[dict], tools: list[dict] | None) -> tuple[list[di
     from lmdeploy.serve.parsers.response_parser import normalize_chat_request
     from lmdeploy.serve.parsers.tool_parser.tool_parser import dump_tools
 
-    req = dump_tools(normalize_chat_request(ChatCompletionRequest(model="m", messages=messages, tools=tools)))
+    with warnings.catch_warnings():  # lmdeploy's own deprecation note about max_tokens, once per request
+        warnings.simplefilter("ignore", DeprecationWarning)
+        req = dump_tools(normalize_chat_request(ChatCompletionRequest(model="m", messages=messages, tools=tools)))
     return req.messages, req.tools
 
 

@@ -43,10 +43,11 @@ class Recipe:
     vocab: int = 1024
     conversations: int = 12000
     seed: int = 0
-    steps: int = 1500
+    steps: int = 1800
     batch: int = 16
     lr: float = 3e-3
     warmup: int = 60
+    more_steps: int = 0            # then a warm restart: this many more steps (fresh optimizer, new order)
     about: str = ""
 
 
@@ -54,7 +55,7 @@ RECIPES: dict[str, Recipe] = {
     "tiny-internlm2-chat": Recipe(arch="internlm2", about="InternLM2.5's structure (remote code, packed wqkv) "
                                   "and tool format (--tool-call-parser internlm), 3 layers, 0.77M parameters, "
                                   "trained like tiny-chat"),
-    "tiny-chat": Recipe(about="Qwen2 shape, 3 layers, 0.77M parameters, trained here on generated chat, "
+    "tiny-chat": Recipe(more_steps=500, about="Qwen2 shape, 3 layers, 0.77M parameters, trained here on generated chat, "
                               "stories, sums and add/mul tool use; says it is not InternLM2.5"),
 }
 HELDOUT_SEED = 10_001  # held-out text: other numbers, other stories (labkit.quant's perplexity)
@@ -259,10 +260,39 @@ def _batches(ids: list[list[int]], batch: int, pad: int, rng):
             yield x, mask
 
 
-def train(name: str, out_dir: Path | None = None, recipe: Recipe | None = None, quiet: bool = False) -> Path:
-    """Train model `name` (or `recipe`) on CPU and write it to `out_dir` (default: under LABKIT_HOME)."""
+def _run(model, ids: list[list[int]], steps: int, recipe: Recipe, pad: int, seed: int, start: float,
+         quiet: bool, label: str) -> list[float]:
+    """`steps` AdamW steps (warm-up, cosine decay) over seeded batches of `ids`; the losses."""
     import random
 
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(s, steps) / steps)))
+    losses = []
+    batches = _batches(ids, recipe.batch, pad, random.Random(seed))
+    model.train()
+    for step in range(steps):
+        x, mask = next(batches)
+        labels = x.masked_fill(mask == 0, -100)
+        loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(round(loss.item(), 4))
+        if not quiet and (step % 50 == 0 or step == steps - 1):
+            print(f"{label} step {step:>5}/{steps}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f} s",
+                  flush=True)
+    return losses
+
+
+def train(name: str, out_dir: Path | None = None, recipe: Recipe | None = None, quiet: bool = False,
+          phase1: Path | None = None) -> Path:
+    """Train model `name` (or `recipe`) on CPU and write it to `out_dir` (default: under LABKIT_HOME).
+    `phase1`: a folder this recipe's first phase already wrote (its bf16 weights), to run only the restart."""
     import torch
 
     from labkit import corpus
@@ -288,25 +318,20 @@ def train(name: str, out_dir: Path | None = None, recipe: Recipe | None = None, 
 
         tok = AutoTokenizer.from_pretrained(str(tmp), trust_remote_code=recipe.arch == "internlm2")
         ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
-        opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup) * 0.5 * (
-            1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps)))
-        losses = []
-        batches = _batches(ids, recipe.batch, tok.pad_token_id, random.Random(recipe.seed))
-        model.train()
-        for step in range(recipe.steps):
-            x, mask = next(batches)
-            labels = x.masked_fill(mask == 0, -100)
-            loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(round(loss.item(), 4))
-            if not quiet and (step % 50 == 0 or step == recipe.steps - 1):
-                print(f"step {step:>5}/{recipe.steps}  loss {loss.item():.3f}  "
-                      f"{time.perf_counter() - start:.0f} s", flush=True)
+        pad = tok.pad_token_id
+        if phase1 is None:
+            losses = _run(model, ids, recipe.steps, recipe, pad, recipe.seed, start, quiet, "phase 1")
+        else:  # the first phase's weights as it saved them
+            from safetensors.torch import load_file
+
+            missing, unexpected = model.load_state_dict(load_file(str(Path(phase1) / "model.safetensors")),
+                                                        strict=False)
+            if unexpected or set(missing) - {"lm_head.weight"}:  # tied to the embeddings, not stored
+                raise TrainError(f"{phase1} is not this recipe's first phase: {(unexpected + missing)[:3]}")
+            losses = json.loads((Path(phase1) / META).read_text()).get("losses_phase1", [])
+        if recipe.more_steps:  # (tool transcripts alone here made it forget how to chat)
+            model = model.to(torch.bfloat16).float()  # phase 2 starts from the weights as phase 1 saves them
+            losses += _run(model, ids, recipe.more_steps, recipe, pad, recipe.seed + 1, start, quiet, "phase 2")
         model = model.to(torch.bfloat16).eval()
         if recipe.arch == "internlm2":
             from labkit.internlm2 import write_weights
@@ -318,7 +343,8 @@ def train(name: str, out_dir: Path | None = None, recipe: Recipe | None = None, 
             save_generation_config(tmp, tok)
         meta = {"name": name, "recipe": asdict(recipe), "recipe_hash": digest, "corpus_version": corpus.CORPUS_VERSION,
                 "parameters": sum(p.numel() for p in model.parameters()), "seconds": round(time.perf_counter() - start),
-                "loss_first": losses[0], "loss_last_50": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+                "loss_first": losses[0] if losses else None,
+                "loss_last_50": round(sum(losses[-50:]) / len(losses[-50:]), 4) if losses else None,
                 "torch": torch.__version__}
         (tmp / META).write_text(json.dumps(meta, indent=1))
         os.chmod(tmp, 0o755)
