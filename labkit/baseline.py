@@ -145,12 +145,12 @@ class HFEngine(Live):
             kw["min_new_tokens"] = max_new_tokens
         return kw
 
-    def _finish(self, new_ids: list[int], input_len: int) -> HFResponse:
+    def _finish(self, new_ids: list[int], input_len: int, skip_special_tokens: bool = True) -> HFResponse:
         """The reply for one sequence of generated ids: cut at the first stop token, like lmdeploy."""
         stop = next((i for i, t in enumerate(new_ids) if t in self.eos_ids), None)
         kept = new_ids if stop is None else new_ids[:stop]
         reason = "stop" if stop is not None else "length"
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        text = self.tokenizer.decode(kept, skip_special_tokens=skip_special_tokens)
         return HFResponse(text, len(kept), input_len, reason)
 
     def generate(self, prompt: str | list[dict], **gen: Any) -> HFResponse:
@@ -162,6 +162,17 @@ class HFEngine(Live):
         with torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
         return self._finish(out[0, ids.shape[1]:].tolist(), ids.shape[1])
+
+    def generate_text(self, text: str, skip_special_tokens: bool = True, **gen: Any) -> HFResponse:
+        """One reply to text already rendered with the chat template (labkit.tools.LocalClient); InternLM2's
+        tool calls are special tokens, so a tool parser wants skip_special_tokens=False."""
+        kw = self._gen_kwargs(**gen)
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(self.device)
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        return self._finish(out[0, ids.shape[1]:].tolist(), ids.shape[1], skip_special_tokens)
 
     def stream(self, prompt: str | list[dict], stop: threading.Event | None = None, **gen: Any) -> Iterator[HFResponse]:
         """Stream one reply: yields HFResponses whose .text is the new piece, the last with finish_reason;

@@ -278,8 +278,13 @@ def roofline(model_dir: str | Path, tables=(), gpu: int = 0):
     return out
 
 
-def overhead(model: Any, batch: int = 8, new_tokens: int = 64, pairs: int = 21) -> dict:
-    """labkit Engine.generate vs the raw lmdeploy pipeline call on the same engine: overhead in % (median)."""
+OVERHEAD_TOLERANCE_PCT = 3.0  # lab 01: labkit's whole call path may cost at most this much over raw lmdeploy
+
+
+def overhead(model: Any, batch: int = 8, new_tokens: int = 64, pairs: int = 21, slowdown_s: float = 0.0) -> dict:
+    """labkit's whole path (Engine.generate: checks, gen_config, pipe) vs the raw lmdeploy pipeline call on the
+    same engine, alternating: overhead in % (median of paired ratios). `slowdown_s` adds a sleep to labkit's
+    path, to show the check failing."""
     from labkit.engine import Engine, gen_config
 
     check_gen(max_new_tokens=new_tokens)
@@ -293,6 +298,8 @@ def overhead(model: Any, batch: int = 8, new_tokens: int = 64, pairs: int = 21) 
         prompts = ["Tell me about the sea."] * batch
 
         def via_labkit():
+            if slowdown_s:
+                time.sleep(slowdown_s)
             return eng.generate(prompts, max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
 
         def via_raw():
@@ -337,3 +344,11 @@ def overhead(model: Any, batch: int = 8, new_tokens: int = 64, pairs: int = 21) 
     finally:
         if own:
             eng.close()
+
+
+def overhead_check(cost: dict, tolerance_pct: float = OVERHEAD_TOLERANCE_PCT) -> tuple[str, bool, str]:
+    """Lab 01's check on `overhead()`: labkit's whole path within a fixed tolerance of raw lmdeploy."""
+    return (f"labkit's whole call path costs less than {tolerance_pct:g}% over raw lmdeploy",
+            cost["overhead %"] < tolerance_pct,
+            f"paired median {cost['overhead %']:+.2f}% over {cost['pairs']} pairs (run-to-run noise "
+            f"+/-{cost['noise bound %']:.1f}%); labkit's own work {cost['labkit work per call µs']:.0f} µs a call")

@@ -16,7 +16,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from labkit import generate, models
+    from labkit import generate, models, train
 
     if args.action == "list":
         for m in models.CATALOGUE.values():
@@ -24,10 +24,19 @@ def _models(args: argparse.Namespace) -> int:
         for name in generate.available():
             about = generate.about(name) or "vision-language (lab 05)"
             print(f"generated:{name:<14} {about}")
+        for name, recipe in train.RECIPES.items():
+            print(f"trained:{name:<16} {recipe.about}")
         return 0
     if not args.name:
         print(f"labkit models {args.action} needs a NAME", file=sys.stderr)
         return 2
+    if args.action == "train":
+        try:
+            print(train.train(args.name, out_dir=args.out))
+        except train.TrainError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        return 0
     if args.action == "generate":
         print(generate.ensure(args.name))
         return 0
@@ -48,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--offline", action="store_true", help="skip the hub checks")
     d.add_argument("--strict", action="store_true", help="exit 1 when not ready")
     d.set_defaults(func=_doctor)
-    m = sub.add_parser("models", help="list, generate or resolve models")
-    m.add_argument("action", choices=["list", "generate", "resolve"])
+    m = sub.add_parser("models", help="list, generate, train or resolve models")
+    m.add_argument("action", choices=["list", "generate", "train", "resolve"])
     m.add_argument("name", nargs="?")
+    m.add_argument("--out", default=None, help="train: the folder to write (default: under LABKIT_HOME/trained; "
+                                                "labkit/data/trained/NAME replaces the shipped weights)")
     m.add_argument("--no-download", action="store_true")
     m.set_defaults(func=_models)
     for name in _EXTENSION_MODULES:  # each defines add_cli(sub)

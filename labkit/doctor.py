@@ -186,7 +186,7 @@ def doctor(check_hubs: bool = True) -> Report:
         rows.append(Row("gpu", OK if g.total_gib >= 7.5 else WARN,
                         f"{g.name}{more}, {g.total_gib:.1f} GiB total, {g.free_gib:.1f} GiB free, "
                         f"compute {g.compute_capability}",
-                        "the 1.8B course model needs ~6 GiB free; use a bigger slice or generated:tiny-chat"))
+                        "the 1.8B course model needs ~6 GiB free; use a bigger slice or trained:tiny-chat"))
         rows.append(Row("driver", OK, f"{g.driver} (supports CUDA {g.cuda_driver})"))
     else:
         rows.append(no_gpu_row(nvml_problem()))
@@ -240,5 +240,5 @@ def doctor(check_hubs: bool = True) -> Report:
         ok, detail = hub_results.get(name, (False, f"no answer within {HUB_TIMEOUT:.0f} s"))
         rows.append(Row(f"hub {name}", OK if ok else WARN, f"{hubs()[name]}: {detail}",
                         "downloads will fail: use the course's shared folder (LABKIT_SHARE), set "
-                        "HF_ENDPOINT to a mirror, LABKIT_HUB=modelscope, or LABKIT_MODEL=generated:tiny-chat"))
+                        "HF_ENDPOINT to a mirror, LABKIT_HUB=modelscope, or LABKIT_MODEL=trained:tiny-chat"))
     return Report(rows, time.perf_counter() - start)

@@ -212,6 +212,26 @@ def block_bytes(shape: ModelShape, quant_policy: int = 0, block_size: int = BLOC
     return shape.layers * sum(_aligned(p) for p in parts)
 
 
+def lmdeploy_block_bytes(model_dir: str | Path, quant_policy: int = 0, block_size: int = BLOCK_SIZE) -> int:
+    """One KV block's bytes as lmdeploy 0.18's own cache planner lays it out (its plan, on the 'meta' device:
+    no GPU needed; its config's bf16 probe is answered yes for the call, then restored)."""
+    import lmdeploy.pytorch.config as lmd_config
+    from lmdeploy.messages import QuantPolicy
+    from lmdeploy.pytorch.engine.cache_engine.plan import build_block_cache_plan
+
+    check_policy(quant_policy)
+    probe = lmd_config.is_bf16_supported
+    lmd_config.is_bf16_supported = lambda *a, **k: True
+    try:
+        mc = lmd_config.ModelConfig.from_pretrained(str(model_dir), dtype="auto", device_type="cuda",
+                                                    block_size=block_size)
+        cc = lmd_config.CacheConfig(max_batches=128, block_size=block_size, num_cpu_blocks=0, num_gpu_blocks=0,
+                                    quant_policy=QuantPolicy(quant_policy))
+        return int(build_block_cache_plan(mc, cc, 1).logical_block_nbytes)
+    finally:
+        lmd_config.is_bf16_supported = probe
+
+
 def runtime_reserve(vocab: int, max_prefill_token_num: int = MAX_PREFILL_TOKENS, max_batch_size: int = 128) -> int:
     """Bytes the engine keeps for runtime buffers before applying the cache ratio."""
     return int((max_prefill_token_num + max_batch_size * 2) * vocab * 2)

@@ -1,6 +1,7 @@
 """The course's models: a catalogue, and `resolve(name)` that turns a name into a local folder.
 
-Order tried: `generated:NAME` (built here, labs and tests) -> an explicit folder -> the course's
+Order tried: `generated:NAME` (random weights, built here) and `trained:NAME` (trained here on generated
+text, shipped with labkit: labkit.train) -> an explicit folder -> the course's
 shared folders -> the Hugging Face cache -> a download (Hugging Face, honouring HF_ENDPOINT, or
 ModelScope with LABKIT_HUB=modelscope) -> a ModelNotFoundError that says what to fix.
 Used by every lab.
@@ -60,7 +61,10 @@ CATALOGUE: dict[str, CourseModel] = {
 }
 
 DEFAULTS = {"chat": "internlm2_5-1_8b-chat", "vision": "InternVL3-1B-hf"}
-GENERATED_FALLBACK = {"chat": "generated:tiny-chat", "vision": "generated:tiny-vl"}
+GENERATED_FALLBACK = {"chat": "trained:tiny-chat", "vision": "generated:tiny-vl"}
+FALLBACK_ABOUT = {"chat": "a model of under 1M parameters trained here on generated text (greetings, stories, "
+                          "sums, the add/mul tools), not InternLM2.5",
+                  "vision": "random weights, nonsense text"}
 
 
 def catalogue():
@@ -90,7 +94,7 @@ def default(kind: str = "chat") -> str:
 
     if has_cuda():
         return DEFAULTS[kind]
-    print(f"No CUDA GPU here: using {GENERATED_FALLBACK[kind]} (random weights, nonsense text) "
+    print(f"No CUDA GPU here: using {GENERATED_FALLBACK[kind]} ({FALLBACK_ABOUT[kind]}) "
           f"so the lab still runs. Set LABKIT_MODEL to choose another model.")
     return GENERATED_FALLBACK[kind]
 
@@ -159,13 +163,17 @@ def _resolve(name: str, download: bool) -> Path:
         from labkit.generate import ensure
 
         return ensure(name.split(":", 1)[1])
+    if name.startswith("trained:"):
+        from labkit.train import ensure as ensure_trained
+
+        return ensure_trained(name.split(":", 1)[1])
     if _looks_like_path(name) or Path(name).expanduser().exists():
         return check_model_dir(Path(name).expanduser())
     entry = CATALOGUE.get(name)
     if entry is None and not _looks_like_hub_id(name):
         raise ModelNotFoundError(
             f"unknown model {name!r}: give a folder path, a hub id like 'internlm/internlm2_5-1_8b-chat', "
-            f"a catalogue name ({', '.join(CATALOGUE)}), or generated:tiny-chat")
+            f"a catalogue name ({', '.join(CATALOGUE)}), trained:tiny-chat or generated:tiny-chat")
     tried = []
     for cand in share_candidates(entry, name):
         if cand.exists():
@@ -189,7 +197,7 @@ def _resolve(name: str, download: bool) -> Path:
         f"model {name!r} not found. Tried:\n  - " + "\n  - ".join(tried) +
         "\nFix one of: put the model in one of those folders (or set LABKIT_SHARE to the folder "
         "that holds it); set HF_ENDPOINT to a reachable mirror, or LABKIT_HUB=modelscope; or use "
-        "LABKIT_MODEL=generated:tiny-chat to run the lab on a small generated model.")
+        "LABKIT_MODEL=trained:tiny-chat to run the lab on the small model labkit trained.")
 
 
 def hub_cache_dir() -> Path:

@@ -4,11 +4,17 @@ tool-call parser applied to a model's text (what the api_server does with `--too
 
     run = run_tool_loop(server.client(), server.model_name, "Compute (3+5)*2")
     run.table()     # every message and tool call; run.answer, run.result (16)
+    check_chain(run, 3, 5, 2)   # add(3,5), then mul(<add's result>, 2), then the answer: (what, ok, detail)
+
+Without a GPU, `LocalClient(HFEngine(model))` stands in for the server's two steps around the model: the
+request rendered as lmdeploy renders it, the reply read by lmdeploy's own tool-call parser.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -151,6 +157,52 @@ def parse_reply(text: str, parser: str = "qwen", tools: list[dict] = TOOLS) -> d
             "tool_calls": [{"name": c.function.name, "arguments": c.function.arguments} for c in calls or []]}
 
 
+def server_view(messages: list[dict], tools: list[dict] | None) -> tuple[list[dict], list[dict] | None]:
+    """The messages and tools as lmdeploy's api_server hands them to the chat template (its own functions)."""
+    from lmdeploy.serve.openai.protocol import ChatCompletionRequest
+    from lmdeploy.serve.parsers.response_parser import normalize_chat_request
+    from lmdeploy.serve.parsers.tool_parser.tool_parser import dump_tools
+
+    with warnings.catch_warnings():  # lmdeploy's own deprecation note about max_tokens, once per request
+        warnings.simplefilter("ignore", DeprecationWarning)
+        req = dump_tools(normalize_chat_request(ChatCompletionRequest(model="m", messages=messages, tools=tools)))
+    return req.messages, req.tools
+
+
+class LocalClient:
+    """`client.chat.completions.create(...)` on a local engine (HFEngine on CPU): the request rendered with
+    lmdeploy's normalisation and the model's chat template, the reply parsed by lmdeploy's tool-call parser.
+    What the api_server does around the model, without a server; sampling is the engine's own."""
+
+    def __init__(self, engine, parser: str = "qwen"):
+        from types import SimpleNamespace
+
+        self.engine, self.parser = engine, check_parser(parser)
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
+
+    def create(self, model: str, messages: list[dict], tools: list[dict] | None = None, tool_choice: Any = "auto",
+               temperature: float = 0.7, max_tokens: int = 256, top_p: float = 0.8, **_ignored: Any):
+        """One chat completion, shaped like the openai client's (choices[0].message.content / .tool_calls)."""
+        from types import SimpleNamespace as NS
+
+        if tool_choice not in ("auto", "none", None):
+            raise ValueError(f"tool_choice={tool_choice!r} needs guided decoding: use the api_server "
+                             f"(labkit.serve.Server) for forced tool calls")
+        msgs, offered = server_view(messages, tools if tool_choice != "none" else None)
+        text = self.engine.tokenizer.apply_chat_template(msgs, tools=offered, tokenize=False,
+                                                         add_generation_prompt=True)
+        reply = self.engine.generate_text(text, skip_special_tokens=not offered, max_new_tokens=max_tokens,
+                                          temperature=temperature, top_p=top_p)
+        parsed = parse_reply(reply.text, self.parser, tools or TOOLS) if offered else \
+            {"content": reply.text, "tool_calls": []}
+        calls = [NS(id=f"call_{i}", type="function", function=NS(name=c["name"], arguments=c["arguments"]))
+                 for i, c in enumerate(parsed["tool_calls"])]
+        reason = "tool_calls" if calls else reply.finish_reason
+        message = NS(role="assistant", content=parsed["content"], tool_calls=calls or None)
+        return NS(choices=[NS(index=0, message=message, finish_reason=reason)],
+                  usage=NS(prompt_tokens=reply.input_token_len, completion_tokens=reply.generate_token_len))
+
+
 # ----------------------------------------------------------------------------- the loop
 
 TOOL_TAGS = ("<tool_call>", "<|action_start|>", "<|plugin|>", "<|python_tag|>")
@@ -167,6 +219,7 @@ class ToolRun:
     result: Any = None
     rounds: int = 0
     errors: int = 0  # tool calls that were not valid (unknown function, bad arguments, unparsable)
+    calls: list[dict] = field(default_factory=list)  # {'name', 'arguments' (dict or None), 'result'} in order
 
     def note(self, round_: int, who: str, what: str, detail: str = "") -> None:
         """Add one line to the transcript."""
@@ -181,7 +234,7 @@ class ToolRun:
     def as_dict(self) -> dict:
         """Plain dict, for evidence."""
         return {"question": self.question, "answer": self.answer, "result": self.result, "rounds": self.rounds,
-                "errors": self.errors, "transcript": self.transcript}
+                "errors": self.errors, "calls": self.calls, "transcript": self.transcript}
 
 
 def _short(text: str | None, n: int = 160) -> str:
@@ -193,8 +246,8 @@ def run_tool_loop(client, model: str, question: str, tools: list[dict] = TOOLS, 
                   system: str | None = None, tool_choice: Any = "auto", rounds: list[dict] | None = None,
                   dispatch: dict[str, Callable[..., Any]] = DISPATCH, **request: Any) -> ToolRun:
     """Ask `question` with `tools`; execute every tool call via `dispatch`, send results back as role
-    "tool", until the model answers in text or `max_rounds` pass. `rounds[i]` overrides request fields
-    (tools, tool_choice, ...) in round i (see forced_rounds). Bad tool calls become transcript lines."""
+    "tool", until the model answers in text or `max_rounds` pass. `rounds[i]` (or `rounds(i, run)`, built from
+    the results so far) overrides request fields in round i (see forced_chain). Bad calls become transcript lines."""
     if not isinstance(max_rounds, int) or max_rounds < 1:
         raise InputError(f"max_rounds must be a whole number >= 1, not {max_rounds!r}")
     run = ToolRun(question)
@@ -205,8 +258,10 @@ def run_tool_loop(client, model: str, question: str, tools: list[dict] = TOOLS, 
     request.setdefault("max_tokens", 256)
     for i in range(max_rounds):
         run.rounds = i + 1
-        kwargs = {"tools": tools, "tool_choice": tool_choice, **request, **((rounds or [])[i:i + 1] or [{}])[0]}
-        offered = kwargs["tools"]
+        over = rounds(i, run) if callable(rounds) else ((rounds or [])[i:i + 1] or [{}])[0]
+        kwargs = {k: v for k, v in {"tools": tools, "tool_choice": tool_choice, **request, **over}.items()
+                  if v is not None}  # None: not sent (the server's default), as the course's client did
+        offered = kwargs.get("tools") or []
         reply = client.chat.completions.create(model=model, messages=msgs, **kwargs).choices[0]
         msg = reply.message
         calls = msg.tool_calls or []
@@ -233,6 +288,11 @@ def run_tool_loop(client, model: str, question: str, tools: list[dict] = TOOLS, 
             name, args = call.function.name, call.function.arguments
             ok, value = call_tool(name, args, offered, dispatch)
             run.note(run.rounds, "assistant", f"calls {name}", args)
+            try:
+                parsed_args = json.loads(args) if isinstance(args, str) else args
+            except json.JSONDecodeError:
+                parsed_args = None
+            run.calls.append({"name": name, "arguments": parsed_args, "result": value if ok else None})
             if ok:
                 run.result = value
                 run.note(run.rounds, "tool", f"{name} returns", json.dumps(value))
@@ -255,20 +315,57 @@ def run_tool_loop(client, model: str, question: str, tools: list[dict] = TOOLS, 
     return run
 
 
+def check_chain(run: ToolRun, a: float, b: float, c: float) -> list[tuple[str, bool, str]]:
+    """Lab 02's checks on a "Compute (a+b)*c" run: add(a, b) first, then mul whose first argument is add's
+    *returned* value (not a number the model or a plan made up), then an answer that states (a+b)*c."""
+    calls = run.calls
+    first = calls[0] if calls else {}
+    second = calls[1] if len(calls) > 1 else {}
+    got = lambda call: f"{call.get('name')}({json.dumps(call.get('arguments'))}) -> {call.get('result')}" \
+        if call else "no call"
+    want = (a + b) * c
+    want_s = str(int(want) if float(want).is_integer() else want)
+    answer = run.answer or ""
+    return [
+        (f"the model called add({a}, {b}) first", first.get("name") == "add" and
+         first.get("arguments") == {"a": a, "b": b}, got(first)),
+        ("its next call was mul with the number add returned, and c", second.get("name") == "mul" and
+         first.get("result") is not None and second.get("arguments") == {"a": first["result"], "b": c},
+         f"add returned {first.get('result')}; then {got(second)}"),
+        (f"it answered {want_s} = ({a}+{b})*{c}, with no invalid call", run.errors == 0 and
+         re.search(rf"(?<![\d.]){re.escape(want_s)}(?![\d])", answer) is not None, f"answer {answer!r}"),
+    ]
+
+
+def forced_call(name: str, args: dict, tools: list[dict] = TOOLS, max_tokens: int = 400) -> dict:
+    """Request overrides that leave a model exactly one possible reply: the call `name(**args)`. One tool is
+    offered whose JSON schema admits only these values (`enum`), with tool_choice="required", which lmdeploy
+    enforces by guided decoding (xgrammar); sampling is opened up (temperature 1, top_p 1, top_k off) so the
+    grammar's optional whitespace cannot trap the model. The server's parser and the dispatch stay real."""
+    base = next(t for t in tools if t["function"]["name"] == name)
+    fn = json.loads(json.dumps(base["function"]))
+    for key, value in args.items():
+        fn["parameters"]["properties"][key]["enum"] = [value]
+    return {"tools": [{"type": "function", "function": fn}], "tool_choice": "required",
+            "temperature": 1.0, "top_p": 1.0, "max_tokens": max_tokens,
+            "extra_body": {"top_k": 0, "repetition_penalty": 1.0}}
+
+
 def forced_rounds(calls: list[tuple[str, dict]], tools: list[dict] = TOOLS, max_tokens: int = 400) -> list[dict]:
-    """Per-round request overrides that make a model that cannot call tools (the random test model) write
-    exactly these calls, then answer in text: each round offers one tool whose JSON schema admits only the
-    wanted argument values (`enum`), with tool_choice="required", which lmdeploy enforces by guided
-    decoding (xgrammar). Sampling is opened up (temperature 1, top_p 1, top_k off) so the grammar's
-    optional whitespace cannot trap the model. The loop, the server's parser and the dispatch stay real."""
-    plan = []
-    for name, args in calls:
-        base = next(t for t in tools if t["function"]["name"] == name)
-        fn = json.loads(json.dumps(base["function"]))
-        for key, value in args.items():
-            fn["parameters"]["properties"][key]["enum"] = [value]
-        plan.append({"tools": [{"type": "function", "function": fn}], "tool_choice": "required",
-                     "temperature": 1.0, "top_p": 1.0, "max_tokens": max_tokens,
-                     "extra_body": {"top_k": 0, "repetition_penalty": 1.0}})
-    plan.append({"tool_choice": "none", "max_tokens": 32})
-    return plan
+    """Per-round overrides forcing exactly these calls, then a text answer (fixed calls: parser tests)."""
+    return [forced_call(name, args, tools, max_tokens) for name, args in calls] + \
+        [{"tool_choice": "none", "max_tokens": 32}]
+
+
+def forced_chain(a: float, b: float, c: float, tools: list[dict] = TOOLS) -> Callable[[int, ToolRun], dict]:
+    """For a model that cannot decide (random weights): the guided decoding -> parser -> dispatch round trip
+    of "(a+b)*c", each round built from the previous result: add(a, b), then mul(<what add returned>, c),
+    then a text reply. It proves the plumbing, not the model's computation."""
+    def rounds(i: int, run: ToolRun) -> dict:
+        if i == 0:
+            return forced_call("add", {"a": a, "b": b}, tools)
+        if i == 1 and run.calls and run.calls[-1]["result"] is not None:
+            return forced_call("mul", {"a": run.calls[-1]["result"], "b": c}, tools)
+        return {"tool_choice": "none", "max_tokens": 32}
+
+    return rounds

@@ -33,20 +33,24 @@ while [ $# -gt 0 ]; do
 done
 set -- ${pass[@]+"${pass[@]}"}
 # By default every notebook and every test marked `gpu`; CPU-only unit tests run in CI (make test).
-# `--part 1` / `--part 2` / `--part 3` / `--part 4` split it in parts of a few minutes each on the PyTorch
-# engine (for a runner that allows 10 minutes a command): 1 = notebooks 00-03 and the engines' gpu tests,
+# `--part 1` .. `--part 5` split it in pieces of under 10 minutes each on the PyTorch engine (for a runner that
+# allows 10 minutes a command): 1 = notebooks 00-03 and the engines' and InternLM2-shaped model's gpu tests,
 # 2 = notebooks 04-06 and the other gpu tests, 3 = lab 07 and its gpu test, 4 = the fault suite's GPU cases
-# (docs/reliability.md); or name test files / notebooks (and pytest options) yourself.
+# (docs/reliability.md), 5 = the trained model's numbers (tool calls, story, AWQ and KV quality) and lab 01's
+# speed claims; or name test files / notebooks (and pytest options) yourself.
 PART1_TESTS=(tests/test_internlm2.py tests/test_deadline.py tests/test_backends.py)
+PART5_TESTS=(tests/test_trained_gpu.py tests/test_speed_gpu.py)
 [ "$bench" = 0 ] && case "${1:-}" in
   "") set -- notebooks tests -m "gpu or notebook" ;;
   --part)
     case "${2:-}" in
       1) set -- notebooks/0[0-3]_*.ipynb "${PART1_TESTS[@]}" -m "gpu or notebook" ;;
-      2) set -- notebooks/0[4-6]_*.ipynb tests "${PART1_TESTS[@]/#/--ignore=}" --ignore=tests/test_scale.py --ignore=tests/test_faults.py -m "gpu or notebook" ;;
+      2) set -- notebooks/0[4-6]_*.ipynb tests "${PART1_TESTS[@]/#/--ignore=}" "${PART5_TESTS[@]/#/--ignore=}" \
+           --ignore=tests/test_scale.py --ignore=tests/test_faults.py -m "gpu or notebook" ;;
       3) set -- notebooks/0[7-9]_*.ipynb tests/test_scale.py -m "gpu or notebook" ;;
       4) set -- tests/test_faults.py -m gpu ;;   # the fault suite's GPU cases (docs/reliability.md)
-      *) echo "--part takes 1, 2, 3 or 4, not '${2:-}'" >&2; exit 2 ;;
+      5) set -- "${PART5_TESTS[@]}" -m "gpu or notebook" -s ;;
+      *) echo "--part takes 1, 2, 3, 4 or 5, not '${2:-}'" >&2; exit 2 ;;
     esac ;;
 esac
 export LABKIT_REPORT_DIR="${LABKIT_REPORT_DIR:-${OUT:-artifacts/gpu-suite}}"

@@ -11,3 +11,4 @@ def one_line(err: pytest.ExceptionInfo) -> str:
     text = str(err.value)
     assert text and "\n" not in text, f"error should be one line: {text!r}"
     return text
+TRAINED = "trained:tiny-chat"

@@ -101,8 +101,8 @@ def _suite(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_suite_rejects_a_bad_backend_or_part():
     done = _suite("--backend", "vllm")
     assert done.returncode == 2 and "--backend takes turbomind, pytorch or auto, not 'vllm'" in done.stderr
-    done = _suite("--backend", "pytorch", "--part", "5")
-    assert done.returncode == 2 and "--part takes 1, 2, 3 or 4, not '5'" in done.stderr
+    done = _suite("--backend", "pytorch", "--part", "6")
+    assert done.returncode == 2 and "--part takes 1, 2, 3, 4 or 5, not '6'" in done.stderr
 
 
 def test_suite_stops_in_one_line_where_turbomind_cannot_load(tmp_path):

@@ -41,8 +41,6 @@ def test_doctor_offline_is_fast_and_complete():
     for r in report.rows:  # every failed or warned check tells what to do
         if r.status != OK:
             assert r.fix, r
-    assert report.ready == all(r.status != FAIL for r in report.rows)
-    assert report.failures == [r for r in report.rows if r.status == FAIL]
 
 
 def test_doctor_cli_json():
@@ -114,7 +112,7 @@ def test_resolve_hub_id_offline_lists_every_place(monkeypatch, tmp_path):
         models.resolve("internlm2_5-1_8b-chat")
     msg = str(err.value)
     assert "internlm2_5-1_8b-chat" in msg and "Hugging Face cache" in msg and "download" in msg
-    assert "LABKIT_SHARE" in msg and "generated:tiny-chat" in msg
+    assert "LABKIT_SHARE" in msg and "trained:tiny-chat" in msg
 
 
 def test_resolve_falls_back_with_a_note(capsys, monkeypatch, tmp_path):

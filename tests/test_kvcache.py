@@ -126,11 +126,15 @@ def test_predict_by_hand(tiny_dir):
     assert small["blocks"] == 36
 
 
-def test_default_max_batch_size():
-    assert kvcache.default_max_batch_size("NVIDIA H100 80GB HBM3") == 1024
-    assert kvcache.default_max_batch_size("NVIDIA H200") == 1024
-    assert kvcache.default_max_batch_size("NVIDIA A100-SXM4-40GB") == 384
-    assert kvcache.default_max_batch_size("NVIDIA GeForce RTX 4090") == 128
+@pytest.mark.parametrize("gpu_name", ["NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-40GB",
+                                      "NVIDIA A800 80GB PCIe", "NVIDIA L20Y", "NVIDIA GeForce RTX 4090", "Tesla T4"])
+def test_default_max_batch_size_is_lmdeploys(gpu_name, monkeypatch):
+    """labkit's table against lmdeploy's own get_max_batch_size, asked about the same device name."""
+    import torch
+    from lmdeploy.utils import get_max_batch_size
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: gpu_name)
+    assert kvcache.default_max_batch_size(gpu_name) == get_max_batch_size("cuda")
 
 
 @pytest.fixture

@@ -70,11 +70,6 @@ def test_baseline_stream_stops_when_asked(hf):
     assert pieces[-1].finish_reason == "abort" and pieces[-1].generate_token_len < 200
 
 
-def test_baseline_on_cpu_takes_no_gpu_memory(hf):
-    assert hf.memory_before == hf.memory_after == 0
-    assert hf.memory_gib == 0 and hf.describe()["GPU memory GiB"] == 0
-
-
 def test_report_header():
     from pathlib import Path
 
@@ -184,11 +179,15 @@ def test_chat_command_uses_real_flags():
     got = json.loads(out.strip().splitlines()[-1])
     assert got["model_path"] == path and got["session_len"] == 512 and got["cache_max_entry_count"] == 0.2
     assert got["backend"] in ("pytorch", "turbomind")
-    assert engine.CHAT_EXIT_WORD == "exit"
+    import inspect
+
+    import lmdeploy.cli.chat
+
+    assert f"prompt == '{engine.CHAT_EXIT_WORD}'" in inspect.getsource(lmdeploy.cli.chat)  # lmdeploy's own word
 
 
 # ------------------------------------------- GPU: the lmdeploy engine is exercised by notebooks/01_chat.ipynb
-# (generate, batch, messages, chat sessions, stream_infer, bench, roofline, labkit overhead < 1%, close),
+# (generate, batch, messages, chat sessions, stream_infer, bench, roofline, labkit's overhead, close),
 # so the GPU suite starts it once there instead of again here.
 
 

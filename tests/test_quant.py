@@ -1,6 +1,8 @@
-"""labkit.quant (lab 03): lmdeploy's AWQ really runs on the generated model on CPU; bad settings fail
-before any work; the calibration fallback says so; the course's command is checked with lmdeploy's
-own CLI parser; the CPU quality check (dequantized next-token agreement) works."""
+"""labkit.quant (lab 03): lmdeploy's AWQ really runs on CPU (the generated model and the trained one); bad
+settings fail before any work; the calibration fallback says so; the course's command is checked with
+lmdeploy's own CLI parser; the CPU quality checks (perplexity on held-out generated text, next-token
+agreement of the dequantized weights) pass for the trained model's AWQ and fail for each deliberately
+broken quantization and for a model that learned nothing."""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,7 @@ import pytest
 from labkit import quant
 from labkit.gpu import has_cuda
 from labkit.quant import QuantError
-from helpers import TINY, one_line
+from helpers import TINY, TRAINED, one_line
 
 SMALL = dict(calib_samples=4, calib_seqlen=64)
 
@@ -192,3 +194,75 @@ def test_dequantized_model_refuses_a_foreign_model(awq_run, tmp_path):
     out, _ = awq_run
     with pytest.raises((QuantError, RuntimeError)):
         quant.dequantized_model(out, other)
+
+
+# ----------------------------------------------------------------------------- quality on the trained model
+
+@pytest.fixture(scope="module")
+def trained_awq(tmp_path_factory):
+    from labkit.models import resolve
+
+    model_dir = resolve(TRAINED)
+    out = quant.awq(model_dir, work_dir=tmp_path_factory.mktemp("awq-trained") / "t", device=None,
+                    calib_samples=8, calib_seqlen=128)
+    return model_dir, out
+
+
+def test_trained_model_is_calibrated_on_its_own_kind_of_text(trained_awq):
+    used = quant.info(trained_awq[1])["calibration"]
+    assert used["kind"] == "local" and used["name"].startswith("calib-qwen2-"), used
+
+
+def test_awq_of_the_trained_model_passes_the_labs_quality_checks(trained_awq):
+    q = quant.quality(*trained_awq, windows=4)
+    print(q)
+    checks = quant.quality_checks(q, trained=True)
+    assert all(ok for _, ok, _ in checks), checks
+    assert q["text"].startswith("chat-c")  # held-out generated conversations, not the prose file
+
+
+@pytest.mark.parametrize("how", quant.BREAKS)
+def test_each_broken_quantization_fails_the_checks(trained_awq, tmp_path, how):
+    model_dir, out = trained_awq
+    q = quant.quality(model_dir, quant.broken_copy(out, how, tmp_path / "broken"), windows=4)
+    print(how, q)
+    failed = [what for what, ok, _ in quant.quality_checks(q, trained=True) if not ok]
+    assert failed, f"{how}: every check passed"
+    if how == "dropped tensor":
+        assert "lacks 1 tensor(s)" in q["error"] and "down_proj" in q["error"]
+    if how == "wrong group size":
+        assert "does not match the weights" in q["error"]
+    if how == "scales x3":
+        assert q["perplexity ratio"] > quant.AWQ_PPL_BOUND
+
+
+def test_broken_quality_table_fails_every_copy(trained_awq, tmp_path):
+    table = quant.broken_quality(*trained_awq, tmp_path, windows=2)
+    print(table.to_string())
+    assert table["broken copy"].tolist() == list(quant.BREAKS) and (table["checks failed"] > 0).all()
+
+
+def test_a_model_that_learned_nothing_fails_the_trained_check(awq_run, tiny_dir):
+    """The random generated model on the same held-out text: its perplexity is about its vocabulary size."""
+    q = quant.quality(tiny_dir, awq_run[0], text=quant.heldout_text(), seqlen=128, windows=2)
+    checks = dict((what, ok) for what, ok, _ in quant.quality_checks(q, trained=True))
+    print(q["perplexity original"], checks)
+    assert q["perplexity original"] > 100 * quant.TRAINED_PPL_MAX
+    assert not checks[f"the original is a trained model: perplexity below {quant.TRAINED_PPL_MAX}"]
+
+
+def test_dropped_mlp_tensors_are_refused_not_read_as_perfect(awq_run, tiny_dir, tmp_path):
+    """The issue's case: every MLP tensor deleted from the AWQ files used to give 89.5% agreement."""
+    from safetensors.torch import load_file, save_file
+
+    out, _ = awq_run
+    cut = tmp_path / "no-mlp"
+    import shutil
+
+    shutil.copytree(out, cut)
+    state = load_file(str(cut / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if ".mlp." not in k}, str(cut / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(QuantError) as err:
+        quant.next_token_agreement(tiny_dir, cut, seqlen=64, windows=1)
+    assert "lacks 6 tensor(s)" in one_line(err) and "quantize again" in str(err.value)
