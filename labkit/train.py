@@ -61,7 +61,10 @@ RECIPES: dict[str, Recipe] = {
 HELDOUT_SEED = 10_001  # held-out text: other numbers, other stories (labkit.quant's perplexity)
 
 
-class TrainError(ValueError):
+from labkit.errors import InputError  # noqa: E402
+
+
+class TrainError(InputError):
     """A trained model that cannot be made or used; the message says what to do."""
 
 

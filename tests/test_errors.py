@@ -14,8 +14,8 @@ from labkit.errors import InputError, LabkitError
 
 def _error_classes() -> list[type]:
     found = []
-    for info in pkgutil.iter_modules(labkit.__path__):
-        module = importlib.import_module(f"labkit.{info.name}")
+    for info in pkgutil.walk_packages(labkit.__path__, "labkit."):  # packages too (labkit.vision, .playground)
+        module = importlib.import_module(info.name)
         for _, obj in inspect.getmembers(module, inspect.isclass):
             if issubclass(obj, BaseException) and obj.__module__ == module.__name__:
                 found.append(obj)

@@ -24,8 +24,7 @@ CONTEXT_CODE = "context_length_exceeded"
 CONTEXT_MESSAGES = ("must be smaller than the model context length", "exceeds the model context length")
 
 
-class RequestTimeout(TimeoutError):
-    """A request got no answer within its deadline; the message says what to do."""
+from labkit.deadline import RequestTimeout  # noqa: E402  (one timeout error for every labkit request)
 
 
 def vision_head_dim(model_dir: str | Path) -> int | None:
@@ -71,23 +70,10 @@ def check_prediction(predicted: Sequence[int], input_token_lens: Sequence[int], 
 
 def within(seconds: float, fn: Callable[[], T], what: str = "the request") -> T:
     """fn() if it returns within `seconds`, else RequestTimeout saying what to do (the call is left behind)."""
-    box: dict[str, Any] = {}
+    from labkit import deadline
 
-    def call() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as err:  # handed to the caller below
-            box["error"] = err
-
-    worker = threading.Thread(target=call, daemon=True, name="labkit-request")
-    worker.start()
-    worker.join(seconds)
-    if worker.is_alive():
-        raise RequestTimeout(f"{what} got no answer within {seconds:g} s: the engine may be stuck (see its log "
-                             f"lines above); restart the kernel, then try backend='pytorch' or a smaller image")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    return deadline.call(fn, seconds, what, "the engine may be stuck (see its log lines above); restart the "
+                         "kernel, then try backend='pytorch' or a smaller image")
 
 
 def server_chat(client: Any, model: str, messages: list, timeout: float = REQUEST_TIMEOUT_S, **options: Any):
