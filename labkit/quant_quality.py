@@ -196,7 +196,11 @@ def broken_copy(awq_dir: str | Path, how: str, out: str | Path) -> Path:
         if how == "scales x3":
             state = {k: (v * 3 if k.endswith(".scales") else v) for k, v in state.items()}
         else:  # one MLP projection of the last layer gone, its qweight, qzeros and scales
-            victim = sorted(k for k in state if k.endswith("mlp.down_proj.qweight"))[-1][: -len(".qweight")]
+            # the last layer's down projection: Qwen2 / Llama name it mlp.down_proj, InternLM2 feed_forward.w2
+            victim = sorted(k for k in state if k.endswith(("mlp.down_proj.qweight", "feed_forward.w2.qweight")))
+            if not victim:
+                raise QuantError(f"{awq_dir.name} has no down projection (mlp.down_proj / feed_forward.w2) to drop")
+            victim = victim[-1][: -len(".qweight")]
             state = {k: v for k, v in state.items() if not k.startswith(victim + ".")}
         save_file({k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in state.items()}, str(f),
                   metadata={"format": "pt"})
