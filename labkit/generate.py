@@ -176,7 +176,6 @@ def ensure(name: str, quiet: bool = False) -> Path:
 def train_tokenizer(vocab_size: int, out_dir: Path):
     """A byte-level BPE tokenizer trained on labkit's corpus, padded to exactly `vocab_size`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -195,6 +194,13 @@ def train_tokenizer(vocab_size: int, out_dir: Path):
         nxt += 1
     tok = Tokenizer.from_str(json.dumps(data))
     assert tok.get_vocab_size() == vocab_size, (tok.get_vocab_size(), vocab_size)
+    return save_chatml_tokenizer(tok, out_dir)
+
+
+def save_chatml_tokenizer(tok, out_dir: Path):
+    """Save a `tokenizers.Tokenizer` as a ChatML (Qwen2-style) fast tokenizer with its chat template; return it."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    bos_token=None, unk_token=None, model_max_length=32768)
     fast.chat_template = CHAT_TEMPLATE

@@ -161,9 +161,8 @@ def train_tokenizer(texts: list[str], vocab: int, out_dir: Path, recipe: "Recipe
     """Byte-level BPE on the rendered text (digits one per token), exactly `vocab` entries, chat template set.
     For InternLM2 the model's other files (config.json, remote code) are written too (labkit.internlm2)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    from labkit.generate import CHAT_TEMPLATE, template_in_tokenizer_config
+    from labkit.generate import save_chatml_tokenizer
 
     from tokenizers import Regex
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -193,12 +192,7 @@ def train_tokenizer(texts: list[str], vocab: int, out_dir: Path, recipe: "Recipe
     tok = Tokenizer.from_str(json.dumps(data))
     if tok.get_vocab_size() != vocab:
         raise TrainError(f"tokenizer has {tok.get_vocab_size()} entries, not {vocab}: raise the recipe's vocab")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token=None, unk_token=None, model_max_length=32768)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(out_dir)
-    template_in_tokenizer_config(out_dir, CHAT_TEMPLATE, tokenizer_class="PreTrainedTokenizerFast")
-    return fast
+    return save_chatml_tokenizer(tok, out_dir)
 
 
 def _newlines_alone(tok):
