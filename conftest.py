@@ -37,9 +37,28 @@ if os.environ.get("LABKIT_REPORT_DIR"):
 
 GPU_SKIP = "needs a CUDA GPU: found none (gpu cell / gpu test)"
 _stats: dict[str, dict] = defaultdict(lambda: {"passed": 0, "skipped": 0, "failed": 0, "seconds": 0.0,
-                                               "peak_gpu_mib": None})
+                                               "peak_gpu_mib": None, "left": []})
 _current = {"key": None}
 _notebooks: dict[str, object] = {}
+_ran: dict[str, int] = defaultdict(int)
+
+
+def _nbval_keeps_history() -> None:
+    """Run notebook cells as Jupyter does, with IPython's input history (nbval asks for none): labkit's evidence
+    then names each record's cell (its number and source hash), and the suite's executed notebooks can be
+    graded as a submission (`labkit grade`), which checks those numbers against the cells'."""
+    try:
+        from nbval.kernel import RunningKernel
+    except ImportError:
+        return
+
+    def execute_cell_input(self, cell_input, allow_stdin=None):
+        return self.kc.execute(cell_input, store_history=True, allow_stdin=allow_stdin, stop_on_error=False)
+
+    RunningKernel.execute_cell_input = execute_cell_input
+
+
+_nbval_keeps_history()
 
 
 def _cuda() -> bool:
@@ -110,10 +129,33 @@ def pytest_runtest_protocol(item, nextitem):
     start = time.perf_counter()
     yield
     _stats[key]["seconds"] += time.perf_counter() - start
+    if nextitem is None or _key(nextitem) != key:  # the file is done (its fixtures and kernel are gone)
+        _stats[key]["left"] = _lmdeploy_left()
     if hasattr(item, "test_outputs") and hasattr(item, "parent") and hasattr(item.parent, "nb"):
         _notebooks[key] = item.parent.nb
-        if item.test_outputs is not None:
+        if item.test_outputs is not None:  # the cell ran: its outputs, and its number as the kernel counted it
             item.cell["outputs"] = item.test_outputs
+            _ran[key] += 1  # nbval runs the cells in order in one kernel, one execute request each
+            item.cell["execution_count"] = _ran[key]
+
+
+def _lmdeploy_left(grace: float = 10.0) -> list[str]:
+    """lmdeploy processes (servers, engines, labkit's process wrappers) still running after a file, other than
+    pytest and its parents: what the file left behind (waits up to `grace` s for them to finish exiting)."""
+    import psutil
+
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    deadline = time.monotonic() + grace
+    while True:
+        left = []
+        for p in psutil.process_iter(["pid", "cmdline", "status"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.info["pid"] not in mine and p.info["status"] != psutil.STATUS_ZOMBIE and \
+                    ("lmdeploy" in cmd or "labkit.procs" in cmd) and "pgrep" not in cmd:
+                left.append(f"{p.info['pid']}: {cmd[:160]}")
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 def pytest_runtest_logreport(report):
@@ -159,11 +201,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     tr = terminalreporter
     tr.section("LMDeploy Lab summary")
-    tr.write_line(f"{'file':<40} {'pass':>5} {'skip':>5} {'fail':>5} {'wall s':>8} {'peak GPU MiB':>13}  engine")
+    tr.write_line(f"{'file':<40} {'pass':>5} {'skip':>5} {'fail':>5} {'wall s':>8} {'peak GPU MiB':>13} "
+                  f"{'left':>4}  engine")
     for r in rows:
         peak = "-" if r["peak_gpu_mib"] is None else str(r["peak_gpu_mib"])
         tr.write_line(f"{r['file']:<40} {r['passed']:>5} {r['skipped']:>5} {r['failed']:>5} "
-                      f"{r['seconds']:>8.1f} {peak:>13}  {r['engine']}")
+                      f"{r['seconds']:>8.1f} {peak:>13} {len(r['left']):>4}  {r['engine']}")
+    for r in rows:
+        for line in r["left"]:
+            tr.write_line(f"left running after {r['file']}: {line}")
     out = os.environ.get("LABKIT_REPORT_DIR")
     if out:
         _write_report(Path(out), rows, exitstatus)
@@ -184,9 +230,12 @@ def _write_report(out: Path, rows: list[dict], exitstatus) -> None:
     (out / "summary.json").write_text(json.dumps({"meta": meta, "files": rows}, indent=1))
     lines = [f"# GPU suite summary ({meta['gpu'] or 'no GPU'}, backend {meta['backend']}, {meta['time']}, "
              f"exit {meta['exitstatus']})", "",
-             "| file | pass | skip | fail | wall s | peak GPU MiB | engine (model) |", "|---|---|---|---|---|---|---|"]
+             "| file | pass | skip | fail | wall s | peak GPU MiB | processes left | engine (model) |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['file']} | {r['passed']} | {r['skipped']} | {r['failed']} | {r['seconds']:.1f} | "
-              f"{r['peak_gpu_mib'] if r['peak_gpu_mib'] is not None else '-'} | {r['engine']} |" for r in rows]
+              f"{r['peak_gpu_mib'] if r['peak_gpu_mib'] is not None else '-'} | {len(r['left'])} | {r['engine']} |"
+              for r in rows]
+    lines += [f"- left running after {r['file']}: `{line}`" for r in rows for line in r["left"]]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     if _notebooks:
         with zipfile.ZipFile(out / "executed-notebooks.zip", "w", zipfile.ZIP_DEFLATED) as zf:

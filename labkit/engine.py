@@ -243,6 +243,7 @@ class Engine(Live):
 
         self._check_open()
         cfg, session, rows = gen_config(**gen), None, []
+        tok = getattr(getattr(self.pipe, "async_engine", None), "tokenizer", None)
         try:
             for turn, prompt in enumerate(prompts, 1):
                 session = deadline.call(lambda p=prompt, s=session: self.pipe.chat(p, session=s, gen_config=cfg),
@@ -250,16 +251,15 @@ class Engine(Live):
                 r = session.response
                 rows.append({"turn": turn, "prompt": prompt[0] if isinstance(prompt, tuple) else prompt,
                              "reply": r.text, "input_token_len": r.input_token_len,
-                             "generate_token_len": r.generate_token_len})
+                             "generate_token_len": r.generate_token_len,
+                             "reply tokens as history": len(tok.encode(r.text, add_bos=False)) if tok
+                             else r.generate_token_len})
         finally:
             if session is not None:
                 session.close()
-        for prev, row in zip(rows, rows[1:]):  # the earlier turns were sent again: history kept
-            row["history kept"] = row["input_token_len"] >= prev["input_token_len"] + prev["generate_token_len"]
-        if rows:
-            rows[0]["history kept"] = None
-        return pd.DataFrame(rows, columns=["turn", "prompt", "reply", "input_token_len", "generate_token_len",
-                                           "history kept"])
+        return pd.DataFrame(history_kept(rows), columns=["turn", "prompt", "reply", "input_token_len",
+                                                         "generate_token_len", "reply tokens as history",
+                                                         "history kept"])
 
     def close(self) -> None:
         """Stop the engine and wait until its GPU memory is back."""
@@ -289,6 +289,17 @@ class Engine(Live):
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.memory_gib:.1f} GiB"
         return f"Engine({self.model_dir.name}, {self.backend}, {state})"
+
+
+def history_kept(rows: list[dict]) -> list[dict]:
+    """Mark each turn after the first "history kept" when its prompt held the turn before and that turn's reply:
+    input_token_len >= the previous input + the reply's tokens *as text* (a session sends the history as text,
+    and a reply's stop token or skipped special tokens do not come back), else False."""
+    for prev, row in zip(rows, rows[1:]):
+        row["history kept"] = row["input_token_len"] >= prev["input_token_len"] + prev["reply tokens as history"]
+    if rows:
+        rows[0]["history kept"] = None
+    return rows
 
 
 def _free_partial(memory_before: int) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from labkit.errors import InputError
+
 PROMPTS = ("Write a short story about a lighthouse.", "Write a short story about a fox.",
            "Tell me a short story about the sea.", "Introduce yourself", "What is 12 + 30?",
            "Write a story of about 300 characters about a violin.")
@@ -32,7 +34,7 @@ def kv_quality(model_dir: str | Path, policies: tuple[int, ...] = (0, 8, 4), bac
     from labkit.quant_quality import perplexity
 
     if 0 not in policies:
-        raise ValueError("policies must include 0 (the fp16 KV cache every other row is compared with)")
+        raise InputError("policies must include 0 (the fp16 KV cache every other row is compared with)")
     replies: dict[int, list[list[int]]] = {}
     rows = []
     for policy in sorted(policies, key=lambda p: p != 0):

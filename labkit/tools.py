@@ -360,12 +360,25 @@ def forced_rounds(calls: list[tuple[str, dict]], tools: list[dict] = TOOLS, max_
 def forced_chain(a: float, b: float, c: float, tools: list[dict] = TOOLS) -> Callable[[int, ToolRun], dict]:
     """For a model that cannot decide (random weights): the guided decoding -> parser -> dispatch round trip
     of "(a+b)*c", each round built from the previous result: add(a, b), then mul(<what add returned>, c),
-    then a text reply. It proves the plumbing, not the model's computation."""
+    then the text "The answer is <what mul returned>." (forced_answer). It proves the plumbing, not the model's
+    computation: a wrong tool result travels on into the answer, and the answer check fails."""
     def rounds(i: int, run: ToolRun) -> dict:
+        last = run.calls[-1]["result"] if run.calls else None
         if i == 0:
             return forced_call("add", {"a": a, "b": b}, tools)
-        if i == 1 and run.calls and run.calls[-1]["result"] is not None:
-            return forced_call("mul", {"a": run.calls[-1]["result"], "b": c}, tools)
+        if i == 1 and last is not None:
+            return forced_call("mul", {"a": last, "b": c}, tools)
+        if i == 2 and last is not None:
+            return forced_answer(last)
         return {"tool_choice": "none", "max_tokens": 32}
 
     return rounds
+
+
+def forced_answer(value: float) -> dict:
+    """Request overrides that leave a model one possible text reply, "The answer is <value>.": a regex that
+    lmdeploy enforces by guided decoding (response_format regex_schema), no tool call allowed."""
+    shown = str(int(value)) if float(value).is_integer() else str(value)
+    pattern = "The answer is " + shown.replace(".", r"\.") + r"\."
+    return {"tool_choice": "none", "response_format": {"type": "regex_schema", "regex_schema": pattern},
+            "temperature": 1.0, "top_p": 1.0, "max_tokens": 32, "extra_body": {"top_k": 0, "repetition_penalty": 1.0}}

@@ -39,14 +39,26 @@ set -- ${pass[@]+"${pass[@]}"}
 # (docs/reliability.md), 5 = the trained model's numbers (tool calls, story, AWQ and KV quality) and lab 01's
 # speed claims; or name test files / notebooks (and pytest options) yourself.
 PART1_TESTS=(tests/test_internlm2.py tests/test_deadline.py tests/test_backends.py)
+# Lab 04 and the playground's GPU test run on the PyTorch engine whatever the backend (lab 04 teaches the
+# policies only that engine has, 16 and 42, and reads its KV blocks, which TurboMind keeps in C++): they run in
+# the `--backend pytorch` suite and are left out of `--backend turbomind`, which would run them identically again.
+NOTEBOOKS=(notebooks/0*.ipynb)
+PT_ONLY=()
+if [ "$backend" = turbomind ]; then
+  NOTEBOOKS=(notebooks/0[0-35-9]_*.ipynb)
+  PT_ONLY=(--ignore=tests/test_playground.py)
+  echo "--backend turbomind: notebooks/04_kv_cache.ipynb and tests/test_playground.py's GPU test run on the PyTorch" \
+    "engine whatever the backend; they run in --backend pytorch"
+fi
 PART5_TESTS=(tests/test_trained_gpu.py tests/test_speed_gpu.py)
 [ "$bench" = 0 ] && case "${1:-}" in
-  "") set -- notebooks tests -m "gpu or notebook" ;;
+  "") set -- "${NOTEBOOKS[@]}" tests ${PT_ONLY[@]+"${PT_ONLY[@]}"} -m "gpu or notebook" ;;
   --part)
     case "${2:-}" in
       1) set -- notebooks/0[0-3]_*.ipynb "${PART1_TESTS[@]}" -m "gpu or notebook" ;;
-      2) set -- notebooks/0[4-6]_*.ipynb tests "${PART1_TESTS[@]/#/--ignore=}" "${PART5_TESTS[@]/#/--ignore=}" \
-           --ignore=tests/test_scale.py --ignore=tests/test_faults.py -m "gpu or notebook" ;;
+      2) set -- $(printf '%s\n' "${NOTEBOOKS[@]}" | grep -E '/0[4-6]_') tests "${PART1_TESTS[@]/#/--ignore=}" \
+           "${PART5_TESTS[@]/#/--ignore=}" --ignore=tests/test_scale.py --ignore=tests/test_faults.py \
+           ${PT_ONLY[@]+"${PT_ONLY[@]}"} -m "gpu or notebook" ;;
       3) set -- notebooks/0[7-9]_*.ipynb tests/test_scale.py -m "gpu or notebook" ;;
       4) set -- tests/test_faults.py -m gpu ;;   # the fault suite's GPU cases (docs/reliability.md)
       5) set -- "${PART5_TESTS[@]}" -m "gpu or notebook" -s ;;

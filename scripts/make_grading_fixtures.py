@@ -11,8 +11,10 @@
         --labs 04_kv_cache 05_vision 06_playground
     python scripts/make_grading_fixtures.py pack --work .../grading-runs --out tests/data/grading-gpu
     labkit grade tests/data/grading-gpu/class --rubric grading/rubric-gpu-suite.toml --out grades-gpu
-    # --from-zip takes executed notebooks from a zip; the GPU suite's executed-notebooks.zip does not do:
-    # nbval saves no execution counts, so the evidence cannot match its cells (it says so)
+    # or, with no extra GPU time, the GPU suite's own executed notebooks, run with LABKIT_STUDENT=alice (the
+    # suite's kernels keep IPython's history and conftest each cell's execution count, so the evidence can match
+    # its cells; a count that is off is flagged, not hidden):
+    python scripts/make_grading_fixtures.py pack --from-zip executed-notebooks.zip --out tests/data/grading-gpu
 
 Fixture students (class/ is graded with grading/rubric-cpu.toml, course/ with grading/rubric.toml):
   alice  complete: every lab, run top to bottom      carol  partial: labs 00 and 04 only
@@ -175,8 +177,8 @@ def load_zip(path: Path) -> dict[str, dict]:
                if n.endswith(".ipynb") and re.match(r"\d\d_", Path(n).name)}
     counted = [c.get("execution_count") for nb in nbs.values() for c in nb["cells"] if c.get("cell_type") == "code"]
     if not nbs or all(n is None for n in counted):
-        raise SystemExit(f"{path}: these notebooks carry no execution counts (nbval does not save them), so "
-                         "their evidence cannot match: run `execute` on the GPU machine instead (see --help)")
+        raise SystemExit(f"{path}: these notebooks carry no execution counts (a GPU suite run from before conftest "
+                         "kept them), so their evidence cannot match: run the suite again, or `execute` (see --help)")
     return nbs
 
 

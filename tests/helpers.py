@@ -12,3 +12,12 @@ def one_line(err: pytest.ExceptionInfo) -> str:
     assert text and "\n" not in text, f"error should be one line: {text!r}"
     return text
 TRAINED = "trained:tiny-chat"
+
+
+def suite_backends() -> list[str]:
+    """The engines a gpu test runs on: the suite's (LABKIT_BACKEND, which `gpu-suite.sh --backend` sets), else
+    both (each skips with its reason where it cannot run)."""
+    import os
+
+    chosen = os.environ.get("LABKIT_BACKEND", "auto")
+    return [chosen] if chosen in ("pytorch", "turbomind") else ["pytorch", "turbomind"]

@@ -339,6 +339,19 @@ def test_forced_tool_call_can_be_written_in_internlm2s_format(tlm_dir):
     assert _grammar_writes(tlm_dir, fmt, other) != other
 
 
+def test_forced_answer_can_be_written_and_only_that_one(tlm_dir):
+    """After the forced calls, lab 02 forces the random model's text answer from what mul returned: lmdeploy's
+    grammar must let this tokenizer write "The answer is 16." and nothing else (a lie stays a lie: 18 is refused
+    when 16 came back, so the answer check sees what the tools returned)."""
+    from labkit import tools
+
+    fmt = tools.forced_answer(16)["response_format"]
+    assert _grammar_writes(tlm_dir, fmt, "The answer is 16.") == "The answer is 16."
+    assert _grammar_writes(tlm_dir, fmt, "The answer is 18.") != "The answer is 18."
+    assert _grammar_writes(tlm_dir, tools.forced_answer(2.5)["response_format"], "The answer is 2.5.") == \
+        "The answer is 2.5."
+
+
 def test_model_classes_build_what_the_folder_holds(tlm_dir):
     """labkit's own classes, in-process (for training): the same parameter names and shapes as the folder."""
     from labkit import internlm2
@@ -378,3 +391,45 @@ def test_a_trained_tokenizer_gets_internlm2s_special_tokens(tmp_path):
                                                           fast.convert_tokens_to_ids("</s>"))
     with pytest.raises(internlm2.InternLM2FormatError, match="more than the model's vocab 270"):
         internlm2.write_tokenizer(tmp_path / "small", 270, tok)
+
+
+@pytest.mark.gpu
+def test_forced_round_trip_reaches_16_over_a_real_server(tlm_dir):
+    """Lab 02's round trip for a random model, on the suite's engine with InternLM2's parser: forced add, forced
+    mul from add's result, forced answer; check_chain passes. With an add that lies, the lie reaches the answer
+    and the answer check fails (the checks can fail)."""
+    from labkit import tools
+    from labkit.serve import Server
+
+    parser = tools.parser_for(tlm_dir)
+    assert parser == "internlm"
+    with Server(tlm_dir, name="test-tlm-forced", cache_ratio=0.05, tool_call_parser=parser, show=False) as srv:
+        client = srv.client()
+        run = tools.run_tool_loop(client, srv.model_name, "Compute (3+5)*2", rounds=tools.forced_chain(3, 5, 2),
+                                  tool_choice=None, max_tokens=None, temperature=0.8)
+        liar = {**tools.DISPATCH, "add": lambda a, b: a + b + 1}
+        lied = tools.run_tool_loop(client, srv.model_name, "Compute (3+5)*2", rounds=tools.forced_chain(3, 5, 2),
+                                   tool_choice=None, max_tokens=None, temperature=0.8, dispatch=liar)
+    print(srv.backend, run.table().to_string(), "| lied:", lied.answer)
+    assert all(ok for _, ok, _ in tools.check_chain(run, 3, 5, 2)), tools.check_chain(run, 3, 5, 2)
+    assert run.answer == "The answer is 16."
+    lied_checks = tools.check_chain(lied, 3, 5, 2)
+    assert lied_checks[1][1] and not lied_checks[2][1] and lied.answer == "The answer is 18.", lied_checks
+
+
+@pytest.mark.gpu
+def test_chat_session_history_is_seen_and_a_dropped_one_too(tlm_dir):
+    """eng.chat_turns marks turn 2 "history kept" on the suite's engine (lab 01's check), and the same rule says
+    False for turns that ran in separate sessions (a history that was dropped)."""
+    import pandas as pd
+
+    from labkit.engine import Engine, history_kept
+
+    first, second = "Hi! My name is Ada and I like lighthouses.", "What is my name, and what do I like?"
+    with Engine(tlm_dir, name="test-tlm-chat", cache_ratio=0.05) as eng:
+        kept = eng.chat_turns([first, second], max_new_tokens=48)
+        apart = pd.concat([eng.chat_turns([first], max_new_tokens=48), eng.chat_turns([second], max_new_tokens=48)])
+    print(eng.backend, kept.to_string(), apart.to_string(), sep="\n")
+    assert bool(kept["history kept"].iloc[1]), kept.to_string()
+    dropped = history_kept(apart.drop(columns="history kept").to_dict(orient="records"))
+    assert dropped[1]["history kept"] is not None and not dropped[1]["history kept"], apart.to_string()

@@ -1,8 +1,8 @@
 """The trained model on the real lmdeploy engines (GPU): `lmdeploy serve api_server --tool-call-parser qwen`
 with the course's client code (openai client, tools add/mul, no tool_choice, no max_tokens, a dispatch
 table instead of eval), the story and the stop reason, and quality numbers: perplexity before/after AWQ
-and KV int8/int4 against fp16 (agreement, perplexity). Each backend that can run here; TurboMind skips
-with its reason where it cannot.
+and KV int8/int4 against fp16 (agreement, perplexity). On the suite's engine (`gpu-suite.sh --backend`), else on
+each backend that can run here; TurboMind skips with its reason where it cannot.
 
     python -m pytest tests/test_trained_gpu.py -q -s        # prints every number it asserts on
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from labkit import corpus, tools
-from helpers import TRAINED
+from helpers import TRAINED, suite_backends
 
 pytestmark = pytest.mark.gpu
 
@@ -25,7 +25,7 @@ def _backend_or_skip(backend: str, model_dir) -> str:
         pytest.skip(f"{backend}: {err}")
 
 
-@pytest.fixture(scope="module", params=["pytorch", "turbomind"])
+@pytest.fixture(scope="module", params=suite_backends())
 def server(request):
     from labkit.models import resolve
     from labkit.serve import Server
@@ -79,30 +79,34 @@ def test_story_and_stop_without_max_tokens(server):
     assert hello["choices"][0]["finish_reason"] == "stop" and "TinyChat" in hello["choices"][0]["message"]["content"]
 
 
-def test_awq_perplexity_on_the_engine(tmp_path):
-    """AWQ made on the GPU, served by the PyTorch engine: perplexity within the lab's bound of the original's."""
+@pytest.mark.parametrize("backend", suite_backends())
+def test_awq_perplexity_on_the_engine(tmp_path, backend):
+    """AWQ made on the GPU, served by the suite's engine: perplexity within the lab's bound of the original's."""
     from labkit import quant
     from labkit.engine import Engine
     from labkit.models import resolve
 
     model_dir = resolve(TRAINED)
+    backend = _backend_or_skip(backend, model_dir)
     awq_dir = quant.awq(model_dir, work_dir=tmp_path / "awq", calib_samples=8, calib_seqlen=128)
     ppl = {}
     for label, folder in (("bf16", model_dir), ("awq", awq_dir)):
-        with Engine(folder, backend="pytorch", name="test-trained-ppl", cache_ratio=0.05) as eng:
+        with Engine(folder, backend=backend, name="test-trained-ppl", cache_ratio=0.05) as eng:
             ppl[label] = quant.perplexity(eng, seqlen=256, windows=8)
-    print(f"perplexity on held-out generated text: bf16 {ppl['bf16']:.4f}, AWQ {ppl['awq']:.4f} "
+    print(f"{backend}: perplexity on held-out generated text: bf16 {ppl['bf16']:.4f}, AWQ {ppl['awq']:.4f} "
           f"(x{ppl['awq'] / ppl['bf16']:.4f})")
     assert ppl["bf16"] < quant.TRAINED_PPL_MAX
     assert ppl["awq"] <= quant.AWQ_PPL_BOUND * ppl["bf16"]
 
 
-def test_kv_cache_int8_int4_quality():
+@pytest.mark.parametrize("backend", suite_backends())
+def test_kv_cache_int8_int4_quality(backend):
     """KV int8 / int4 against fp16 on the trained model: greedy replies' token agreement and perplexity."""
     from labkit.kvquality import kv_quality
     from labkit.models import resolve
 
-    table = kv_quality(resolve(TRAINED), policies=(0, 8, 4))
+    model_dir = resolve(TRAINED)
+    table = kv_quality(model_dir, policies=(0, 8, 4), backend=_backend_or_skip(backend, model_dir))
     print(table.to_string())
     rows = table.set_index("quant_policy")
     assert rows.loc[8, "token agreement"] >= 0.9
