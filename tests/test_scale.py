@@ -374,6 +374,21 @@ def test_calibration_fit_recovers_a_line():
         plan.Calibration.fit(rows, model, h200, prompt_tokens=40, step="latency p50 ms")
 
 
+def test_planner_check_predicts_with_the_reply_tokens_each_run_measured(tiny_dir):
+    """Replies that end early (EOS) are shorter than max_tokens: the prediction uses what each run measured."""
+    import pandas as pd
+
+    sweep = [{"concurrency": c, "TPOT p50 ms": 5.0, "TTFT p50 ms": 20.0 + 2 * c} for c in (1, 8)]
+    base = {"strategy": "-", "servers": 1, "concurrency": 8, "latency p50 ms": 100.0}
+    runs = pd.DataFrame([{**base, "setup": "own column", "tokens per request": 16.0},
+                         {**base, "setup": "from rates", "output tokens/s": 200.0, "requests/s": 10.0},
+                         {**base, "setup": "neither"}])
+    got, _ = scale.planner_check(sweep, runs, tiny_dir, reply_tokens=64, gpu=plan.GPU.named("H200"))
+    assert got["reply tokens"].tolist() == [16, 20, 64]
+    # TTFT(8) = 36 ms, then (tokens - 1) steps of 5 ms
+    assert got["predicted latency p50 ms"].tolist() == pytest.approx([36 + 15 * 5, 36 + 19 * 5, 36 + 63 * 5])
+
+
 BURSTY = STANDIN + ["--burst", "4", "--token-delay", "0.004", "--prefill", "0.03"]
 
 
