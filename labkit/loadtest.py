@@ -1,7 +1,10 @@
 """A small load test for a local OpenAI-compatible server (lab 02): N concurrent streaming requests
 (asyncio + openai.AsyncOpenAI), bounded in count and in time, against 127.0.0.1 / localhost only.
-Reports requests/s, output tokens/s, time to first token (TTFT) and inter-token latency (ITL)
-percentiles as a pandas table; `sweep` compares concurrency levels and `plot` draws them.
+Reports requests/s, output tokens/s, time to first token (TTFT) and inter-token latency (ITL: the gaps
+between streamed chunks) percentiles as a pandas table; `sweep` compares concurrency levels and `plot` draws
+them. The extended columns add latency and time per output token (TPOT: per request, (latency - TTFT) /
+(tokens - 1), as vLLM's benchmark counts it), which, unlike chunk gaps, does not depend on how the server
+groups tokens into chunks.
 Lab 07 points it at `lmdeploy serve proxy` (a labkit.proxy.Proxy works like a Server here) and reads
 `run(..., detail=True)`: one row per request (when it started, TTFT, latency, retries, error), with a
 shared `system` prompt (prefix caching), client-side `retries`, and `require_finish` (a stream that
@@ -181,14 +184,20 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) * 1000.0
 
 
+def _tpot(r: _Req) -> float | None:
+    """Seconds per output token after the first, of one finished request (None with fewer than 2 tokens)."""
+    return (r.end - r.first) / (r.tokens - 1) if r.ok and r.first is not None and r.tokens > 1 else None
+
+
 def records(reqs: list[_Req]):
-    """One row per request: start s (from the test's start), TTFT ms, latency ms, tokens, cached prompt tokens,
-    finish reason, retries, ok, error."""
+    """One row per request: start s (from the test's start), TTFT ms, latency ms, TPOT ms, tokens, cached prompt
+    tokens, finish reason, retries, ok, error."""
     import pandas as pd
 
     rows = [{"start s": round(r.start - r.t0, 3) if r.start else None,  # type: ignore[attr-defined]
              "TTFT ms": (r.first - r.start) * 1000 if r.first else None,
-             "latency ms": (r.end - r.start) * 1000 if r.start else None, "tokens": r.tokens,
+             "latency ms": (r.end - r.start) * 1000 if r.start else None,
+             "TPOT ms": _tpot(r) * 1000 if _tpot(r) is not None else None, "tokens": r.tokens,
              "cached tokens": r.cached, "finish": r.finish, "retries": r.retries, "ok": r.ok,
              "error": r.error or ("; ".join(r.errors) if r.errors else None)} for r in reqs]
     return pd.DataFrame(rows)
@@ -196,9 +205,12 @@ def records(reqs: list[_Req]):
 
 def run(server: Any, concurrency: int = 8, requests: int | None = None, max_tokens: int = 128,
         prompt: str = DEFAULT_PROMPT, model: str | None = None, time_limit: float = 120.0,
-        system: str | None = None, retries: int = 0, require_finish: bool = False, detail: bool = False):
+        system: str | None = None, retries: int = 0, require_finish: bool = False, detail: bool = False,
+        extended: bool = False):
     """`requests` streaming chat requests, `concurrency` at a time, stopped after `time_limit` s; one row
-    (with detail=True: (row, one row per request)). `retries`: tries again what got no text at all."""
+    (with detail=True: (row, one row per request)). `retries`: tries again what got no text at all;
+    `extended`: lab 07's columns too (latency, TPOT, tokens per request...), as detail, retries, system and
+    require_finish do."""
     url, key, default_model = _target(server)
     model = model or default_model
     if not isinstance(concurrency, int) or not 1 <= concurrency <= MAX_CONCURRENCY:
@@ -231,15 +243,18 @@ def run(server: Any, concurrency: int = 8, requests: int | None = None, max_toke
     tokens = sum(r.tokens for r in ok)
     errors = [r.error for r in reqs if not r.ok]
     latency = [r.end - r.start for r in ok]
+    tpot = [t for t in map(_tpot, ok) if t is not None]
     row = {"concurrency": concurrency, "requests": requests, "ok": len(ok), "failed": len(errors),
            "seconds": round(wall, 2), "requests/s": round(len(ok) / wall, 2) if wall else 0.0,
            "output tokens/s": round(tokens / wall, 1) if wall else 0.0,
            "TTFT p50 ms": _pct(ttft, 50), "TTFT p90 ms": _pct(ttft, 90), "TTFT p99 ms": _pct(ttft, 99),
            "ITL p50 ms": _pct(gaps, 50), "ITL p90 ms": _pct(gaps, 90), "ITL p99 ms": _pct(gaps, 99),
            "first error": errors[0] if errors else None}
-    if detail or retries or system or require_finish:  # lab 07's columns; lab 02's table stays as it was
+    if extended or detail or retries or system or require_finish:  # lab 07's columns; lab 02's table stays as it was
         row.update({"latency p50 ms": _pct(latency, 50), "latency p90 ms": _pct(latency, 90),
-                    "latency p99 ms": _pct(latency, 99), "retries": sum(r.retries for r in reqs),
+                    "latency p99 ms": _pct(latency, 99), "TPOT p50 ms": _pct(tpot, 50), "TPOT p90 ms": _pct(tpot, 90),
+                    "tokens per request": round(tokens / len(ok), 1) if ok else None,
+                    "retries": sum(r.retries for r in reqs),
                     "cached prompt tokens": sum(r.cached for r in ok)})
     return (row, records(reqs)) if detail else row
 

@@ -9,7 +9,10 @@ The arithmetic, per replica of `tp` GPUs:
   step(B) = c0 + c1 x B, with c0 = host overhead + W / (tp x bandwidth x efficiency) and
   c1 = (prompt + reply / 2) x KV bytes per token / (tp x bandwidth x efficiency); a prompt's prefill is
   compute bound: 2 x parameters x prompt tokens / (tp x FLOP/s x utilisation).
-  `Calibration.fit` replaces c0, c1 and the prefill time by what the lab measured on one server.
+  `Calibration.fit` replaces c0, c1 and the prefill time by what the lab measured on one server: the step is
+  the time per output token (TPOT: (latency - TTFT) / (tokens - 1) of each request, median), not the gap
+  between streamed chunks (a server that sends several tokens per burst makes most gaps ~0), and a closed
+  loop's TTFT (queueing behind the other requests' prefills included) is fitted against concurrency too.
 - load: with requests arriving at `rps` over n replicas, Little's law gives the running batch per replica,
   B = (rps / n) x latency(B), latency(B) = prefill + reply x step(B); solved exactly:
   B = lam (prefill + reply c0) / (1 - lam reply c1). The planner takes the fewest GPUs whose B is finite,
@@ -139,31 +142,58 @@ class Load:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Step time c0 + c1 x batch (s) and prefill time (s per prompt token) of one server, measured or assumed."""
+    """Step time c0 + c1 x batch (s) and prefill time (s per prompt token) of one server, measured or assumed;
+    a measured one also has TTFT = ttft_c0 + ttft_c1 x batch (s) of a closed loop, queueing included."""
 
     c0: float
     c1: float
     prefill_s_per_token: float
     source: str = "roofline"
     host_s: float = 0.0  # the part of c0 that is not GPU time (Python, scheduling): servers sharing a GPU overlap it
+    ttft_c0: float | None = None  # None: TTFT = prompt tokens x prefill_s_per_token (no queueing)
+    ttft_c1: float = 0.0
 
     @classmethod
-    def fit(cls, rows, model: "Model", gpu: GPU, prompt_tokens: int, tp: int = 1,
-            efficiency: float = 0.7) -> "Calibration":
-        """From single-server load-test rows (concurrency, ITL p50 ms, TTFT p50 ms) at two or more concurrency
-        levels: a least-squares line through ITL against concurrency; prefill from the lowest level's TTFT."""
-        pts = sorted((float(r["concurrency"]), float(r["ITL p50 ms"]) / 1000, float(r["TTFT p50 ms"]) / 1000)
-                     for r in _records(rows) if r.get("ITL p50 ms") is not None and r.get("TTFT p50 ms") is not None)
+    def fit(cls, rows, model: "Model", gpu: GPU, prompt_tokens: int, tp: int = 1, efficiency: float = 0.7,
+            step: str = "TPOT p50 ms") -> "Calibration":
+        """From single-server load-test rows (concurrency, `step` column, TTFT p50 ms) at two or more concurrency
+        levels: least-squares lines through the step time and TTFT against concurrency; prefill per prompt token
+        from the lowest level's TTFT. `step`: "TPOT p50 ms" (time per output token, what latency is made of) or
+        "ITL p50 ms" (gaps between streamed chunks: too short when a server sends tokens in bursts)."""
+        recs = _records(rows)
+        if step not in STEP_COLUMNS:
+            raise PlanError(f"step must be one of {', '.join(STEP_COLUMNS)}, not {step!r}")
+        if recs and all(r.get(step) is None for r in recs):
+            raise PlanError(f"the load-test rows have no {step!r}: measure them with labkit.scale.calibrate(server) "
+                            f"(or loadtest.run(..., extended=True))")
+        pts = sorted((float(r["concurrency"]), float(r[step]) / 1000, float(r["TTFT p50 ms"]) / 1000)
+                     for r in recs if r.get(step) is not None and r.get("TTFT p50 ms") is not None)
         if len({p[0] for p in pts}) < 2:
-            raise PlanError("Calibration.fit needs load-test rows at two or more concurrency levels (with ITL and "
-                            "TTFT), e.g. loadtest.sweep(server, concurrency=(1, 16))")
-        n = len(pts)
-        mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
-        sxx = sum((p[0] - mx) ** 2 for p in pts)
-        c1 = max(sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx, 0.0)
-        c0 = max(my - c1 * mx, 1e-6)
+            raise PlanError(f"Calibration.fit needs load-test rows at two or more concurrency levels (with {step} "
+                            "and TTFT), e.g. labkit.scale.calibrate(server, concurrency=16)")
+        c0, c1 = _line([(p[0], p[1]) for p in pts])
+        t0, t1 = _line([(p[0], p[2]) for p in pts])
         gpu_floor = model.weights_bytes / (tp * gpu.bandwidth_gbs * 1e9 * efficiency)
-        return cls(c0, c1, pts[0][2] / max(prompt_tokens, 1), "measured", host_s=max(c0 - gpu_floor, 0.0))
+        return cls(c0, c1, pts[0][2] / max(prompt_tokens, 1), f"measured ({step})", host_s=max(c0 - gpu_floor, 0.0),
+                   ttft_c0=t0, ttft_c1=t1)
+
+    def ttft(self, batch: float, prompt_tokens: int) -> float:
+        """Seconds to the first token with `batch` requests running (closed loop); the prefill alone if unmeasured."""
+        if self.ttft_c0 is None:
+            return prompt_tokens * self.prefill_s_per_token
+        return self.ttft_c0 + self.ttft_c1 * batch
+
+
+STEP_COLUMNS = ("TPOT p50 ms", "ITL p50 ms")
+
+
+def _line(pts: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares intercept and slope (slope >= 0, intercept > 0) through (x, y) points at 2+ distinct x."""
+    n = len(pts)
+    mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    slope = max(sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx, 0.0)
+    return max(my - slope * mx, 1e-6), slope
 
 
 def _records(rows) -> list[dict]:
@@ -264,18 +294,22 @@ def plan(model: Model | str | Path, gpu: GPU | str, load: Load, **kw: Any) -> di
 
 def closed_loop(cal: Calibration, load: Load, concurrency: int, servers: int = 1, share_gpu: bool = False) -> dict:
     """What a closed-loop load test (`concurrency` clients, each sending the next request when the last one ends)
-    should measure over `servers` replicas; share_gpu: all on one GPU (GPU time serialises, host time overlaps)."""
+    should measure over `servers` replicas; share_gpu: all on one GPU (GPU time serialises, host time overlaps).
+
+    Per request: latency = TTFT(batch) + (reply - 1) x step(batch), batch = concurrency / servers: the first
+    token comes with the prefill, each further one costs a step (what a request measures as its TPOT)."""
     batch = concurrency / servers
-    gpu_step = cal.c0 - cal.host_s + cal.c1 * batch
-    step = cal.c0 + cal.c1 * batch
+    alone = cal.c0 + cal.c1 * batch
+    step = alone
     if share_gpu and servers > 1:
-        step = max(step, servers * gpu_step)
-    prefill = load.prompt_tokens * cal.prefill_s_per_token
-    latency = prefill + load.reply_tokens * step
+        step = max(step, servers * (cal.c0 - cal.host_s + cal.c1 * batch))
+    ttft = cal.ttft(batch, load.prompt_tokens) * step / alone  # a shared GPU slows the others' steps it waits for
+    latency = ttft + max(load.reply_tokens - 1, 0) * step
     rps = concurrency / latency
     return {"servers": servers, "concurrency": concurrency, "predicted requests/s": round(rps, 2),
             "predicted output tokens/s": round(rps * load.reply_tokens, 1),
-            "predicted latency p50 ms": round(1000 * latency, 1), "predicted ITL ms": round(1000 * step, 2)}
+            "predicted latency p50 ms": round(1000 * latency, 1), "predicted TTFT ms": round(1000 * ttft, 1),
+            "predicted TPOT ms": round(1000 * step, 2)}
 
 
 def check(predicted: dict, measured: dict) -> dict:

@@ -146,32 +146,45 @@ def _per_request(before: dict, after: dict) -> float | None:
 
 
 def planner_check(sweep_table, compare_table, model_dir, reply_tokens: int, prompt_tokens: int = 32,
-                  strategy: str = "min_expected_latency", share_gpu: bool = True, gpu=None):
+                  strategy: str = "min_expected_latency", share_gpu: bool = True, gpu=None, step: str = "TPOT p50 ms"):
     """labkit.plan calibrated on the single-server sweep, then predicting the compare runs: 1 server (direct)
-    and all servers behind `strategy` at the same concurrency; (table predicted vs measured, calibration)."""
+    and all servers behind `strategy` at the same concurrency, each with the reply tokens that run measured
+    per request (`reply_tokens` where it says none); (table predicted vs measured, calibration)."""
     import pandas as pd
 
     from labkit import plan
 
     model = plan.Model.from_dir(model_dir)
     gpu = gpu or plan.GPU.here()
-    cal = plan.Calibration.fit(sweep_table, model, gpu, prompt_tokens)
-    load = plan.Load(rps=1.0, prompt_tokens=prompt_tokens, reply_tokens=reply_tokens, latency_s=3600)
+    cal = plan.Calibration.fit(sweep_table, model, gpu, prompt_tokens, step=step)
     rows = []
     for _, m in compare_table.iterrows():
         if m["strategy"] not in ("-", strategy):
             continue
+        tokens = _tokens_per_request(m.to_dict()) or reply_tokens
+        load = plan.Load(rps=1.0, prompt_tokens=prompt_tokens, reply_tokens=max(1, round(tokens)), latency_s=3600)
         pred = plan.closed_loop(cal, load, int(m["concurrency"]), int(m["servers"]), share_gpu=share_gpu)
-        rows.append({"setup": m["setup"], **plan.check(pred, m.to_dict()), "predicted ITL ms": pred["predicted ITL ms"],
-                     "measured ITL p50 ms": m["ITL p50 ms"]})
+        rows.append({"setup": m["setup"], **plan.check(pred, m.to_dict()), "reply tokens": load.reply_tokens,
+                     "predicted TTFT ms": pred["predicted TTFT ms"], "measured TTFT p50 ms": m.get("TTFT p50 ms"),
+                     "predicted TPOT ms": pred["predicted TPOT ms"], "measured TPOT p50 ms": m.get("TPOT p50 ms"),
+                     "measured ITL p50 ms": m.get("ITL p50 ms")})
     return pd.DataFrame(rows), cal
+
+
+def _tokens_per_request(row: dict) -> float | None:
+    """Reply tokens per request of a load-test row: its own column, else output tokens/s over requests/s."""
+    got = row.get("tokens per request")
+    if got is not None and got == got and got > 0:  # not None, not NaN
+        return float(got)
+    tps, rps = row.get("output tokens/s"), row.get("requests/s")
+    return float(tps) / float(rps) if tps and rps and tps == tps and rps == rps else None
 
 
 def calibrate(server, concurrency: int = 16, requests: int = 64, max_tokens: int = 64, time_limit: float = 120.0):
     """The single-server numbers the planner is fitted to: one load test at concurrency 1 (a few requests) and one
-    at `concurrency`, straight to `server` (a table like loadtest.sweep's)."""
+    at `concurrency`, straight to `server` (a table like loadtest.sweep's, with TPOT and latency)."""
     import pandas as pd
 
-    rows = [loadtest.run(server, 1, min(8, requests), max_tokens, time_limit=time_limit),
-            loadtest.run(server, concurrency, requests, max_tokens, time_limit=time_limit)]
+    rows = [loadtest.run(server, 1, min(8, requests), max_tokens, time_limit=time_limit, extended=True),
+            loadtest.run(server, concurrency, requests, max_tokens, time_limit=time_limit, extended=True)]
     return pd.DataFrame(rows)

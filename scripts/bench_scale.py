@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp("group stopped")
     import pandas as pd
 
-    cols = ["setup", "ok", "failed", "requests/s", "output tokens/s", "TTFT p50 ms", "TTFT p90 ms", "latency p50 ms",
-            "latency p90 ms", "share per server"]
+    cols = ["setup", "ok", "failed", "requests/s", "output tokens/s", "TTFT p50 ms", "TTFT p90 ms", "TPOT p50 ms",
+            "ITL p50 ms", "latency p50 ms", "latency p90 ms", "share per server"]
     kill_lines = ["(one server: no prefix-cache comparison and no kill test; run with --servers 2)", ""]
     if kill is not None:
         kill_row = {k: kill["summary"][k] for k in ("requests", "ok", "failed", "retries", "killed at s",
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
              "`share per server` from the proxy's log:", "", benchdoc.markdown(results[cols].round(1)), "",
              *prefix_lines,
              f"The planner, fitted to server 0 alone at concurrency 1 and {args.concurrency} "
-             f"(step = {1000 * cal.c0:.2f} ms + {1000 * cal.c1:.3f} ms x batch, host part {1000 * cal.host_s:.2f} ms), "
+             f"(time per output token = {1000 * cal.c0:.2f} ms + {1000 * cal.c1:.3f} ms x batch, host part "
+             f"{1000 * cal.host_s:.2f} ms; TTFT = {1000 * (cal.ttft_c0 or 0):.1f} ms + {1000 * cal.ttft_c1:.2f} ms x batch), "
              "against the load test:", "", benchdoc.markdown(planned), "",
              f"Structured output ({args.forms} requests with the lab's JSON schema, {args.forms} without): {forms}.", "",
              *kill_lines, "Command:", "", "```bash", command, "```", END, ""]

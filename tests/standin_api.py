@@ -1,6 +1,7 @@
 """Stand-in for `lmdeploy serve api_server` on a CPU machine (lab 07's proxy tests): a small real HTTP server.
 
     python standin_api.py PORT MODEL_NAME HOST [--proxy-url URL] [--token-delay S] [--start-delay S]
+                          [--burst N] [--prefill S]
 
 Like lmdeploy's api_server it registers itself with the proxy at start (POST URL/nodes/add with its
 url and models) and answers /v1/models, /health, /metrics (Prometheus text: running requests, a
@@ -8,6 +9,8 @@ request counter, generation tokens) and /v1/chat/completions (streamed or not, w
 usage). Every reply says which stand-in wrote it ("from PORT"), so a test sees where the proxy routed.
 With --enable-prefix-caching it reports a system prompt it has seen before as cached (usage and /metrics);
 a request with a response_format gets '{"name": "Stand In", "age": 7}' (what constrained decoding yields).
+--burst N streams like TurboMind: N tokens back to back (one chunk each), then a wait of N token delays;
+--prefill S holds one lock S seconds before a request's first token (prefills queue, as on one GPU).
 """
 import json
 import sys
@@ -24,6 +27,8 @@ def opt(flag, default=None):
 
 
 proxy_url, delay = opt("--proxy-url"), float(opt("--token-delay", "0.01"))
+burst, prefill = int(opt("--burst", "1")), float(opt("--prefill", "0"))
+prefill_lock = threading.Lock()
 state = {"running": 0, "done": 0, "tokens": 0, "prompt": 0, "cached": 0}
 prefix_caching, seen = "--enable-prefix-caching" in sys.argv, set()
 lock = threading.Lock()
@@ -88,6 +93,9 @@ class Handler(BaseHTTPRequestHandler):
         with lock:
             state["running"] += 1
         try:
+            if prefill:
+                with prefill_lock:
+                    time.sleep(prefill)
             if not req.get("stream"):
                 time.sleep(delay * n)
                 msg = {"role": "assistant", "content": "".join(words)}
@@ -98,7 +106,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             for i, word in enumerate(words):
-                time.sleep(delay)
+                if i % burst == 0:
+                    time.sleep(delay * burst)
                 last = i == len(words) - 1
                 chunk = {**head, "object": "chat.completion.chunk",
                          "choices": [{"index": 0, "delta": {"content": word},

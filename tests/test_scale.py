@@ -10,6 +10,7 @@ import shlex
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -330,9 +331,16 @@ def test_littles_law_by_hand():
     gpu_only = plan.Calibration(0.01, 0.001, 0.0001, host_s=0.0)
     one = plan.closed_loop(gpu_only, load, 8, servers=1)
     two = plan.closed_loop(gpu_only, load, 8, servers=2, share_gpu=True)
-    assert one["predicted ITL ms"] == pytest.approx(18.0) and two["predicted ITL ms"] == pytest.approx(28.0)
+    assert one["predicted TPOT ms"] == pytest.approx(18.0) and two["predicted TPOT ms"] == pytest.approx(28.0)
+    # latency = TTFT + (reply - 1) x step: unmeasured TTFT is the prefill, 100 x 0.1 ms
+    assert one["predicted latency p50 ms"] == pytest.approx(1000 * (0.01 + 49 * 0.018))
     host = plan.Calibration(0.01, 0.001, 0.0001, host_s=0.01)  # all of c0 is host time: it overlaps
-    assert plan.closed_loop(host, load, 8, servers=2, share_gpu=True)["predicted ITL ms"] == pytest.approx(14.0)
+    assert plan.closed_loop(host, load, 8, servers=2, share_gpu=True)["predicted TPOT ms"] == pytest.approx(14.0)
+    # a measured closed-loop TTFT line: 20 ms + 2 ms x batch, at batch 8
+    queued = plan.Calibration(0.01, 0.001, 0.0001, ttft_c0=0.02, ttft_c1=0.002)
+    got = plan.closed_loop(queued, load, 8, servers=1)
+    assert got["predicted TTFT ms"] == pytest.approx(36.0)
+    assert got["predicted latency p50 ms"] == pytest.approx(1000 * (0.036 + 49 * 0.018))
 
 
 def test_plan_picks_the_fewest_gpus_and_more_load_needs_more():
@@ -349,13 +357,71 @@ def test_plan_picks_the_fewest_gpus_and_more_load_needs_more():
 
 
 def test_calibration_fit_recovers_a_line():
-    rows = [{"concurrency": c, "ITL p50 ms": 5 + 0.5 * c, "TTFT p50 ms": 20.0} for c in (1, 8, 32)]
-    model = plan.Model.named("internlm2_5-1_8b-chat")
-    cal = plan.Calibration.fit(rows, model, plan.GPU.named("H200"), prompt_tokens=40)
-    assert cal.c0 == pytest.approx(0.005) and cal.c1 == pytest.approx(0.0005)  # ITL = 5 ms + 0.5 ms x batch
-    assert cal.prefill_s_per_token == pytest.approx(0.02 / 40)
+    rows = [{"concurrency": c, "TPOT p50 ms": 5 + 0.5 * c, "ITL p50 ms": 0.1, "TTFT p50 ms": 20.0 + 2 * c}
+            for c in (1, 8, 32)]
+    model, h200 = plan.Model.named("internlm2_5-1_8b-chat"), plan.GPU.named("H200")
+    cal = plan.Calibration.fit(rows, model, h200, prompt_tokens=40)
+    assert cal.c0 == pytest.approx(0.005) and cal.c1 == pytest.approx(0.0005)  # TPOT = 5 ms + 0.5 ms x batch
+    assert cal.ttft_c0 == pytest.approx(0.020) and cal.ttft_c1 == pytest.approx(0.002)  # TTFT = 20 ms + 2 ms x batch
+    assert cal.prefill_s_per_token == pytest.approx(0.022 / 40)  # the lowest level's TTFT, per prompt token
+    itl = plan.Calibration.fit(rows, model, h200, prompt_tokens=40, step="ITL p50 ms")
+    assert itl.c0 == pytest.approx(0.0001) and itl.c1 == 0.0
     with pytest.raises(plan.PlanError, match="two or more concurrency levels"):
-        plan.Calibration.fit(rows[:1], model, plan.GPU.named("H200"), prompt_tokens=40)
+        plan.Calibration.fit(rows[:1], model, h200, prompt_tokens=40)
+    with pytest.raises(plan.PlanError, match="no 'TPOT p50 ms'.*scale.calibrate"):  # lab 02's basic columns
+        plan.Calibration.fit([{k: v for k, v in r.items() if k != "TPOT p50 ms"} for r in rows], model, h200, 40)
+    with pytest.raises(plan.PlanError, match="step must be one of"):
+        plan.Calibration.fit(rows, model, h200, prompt_tokens=40, step="latency p50 ms")
+
+
+def test_planner_check_predicts_with_the_reply_tokens_each_run_measured(tiny_dir):
+    """Replies that end early (EOS) are shorter than max_tokens: the prediction uses what each run measured."""
+    import pandas as pd
+
+    sweep = [{"concurrency": c, "TPOT p50 ms": 5.0, "TTFT p50 ms": 20.0 + 2 * c} for c in (1, 8)]
+    base = {"strategy": "-", "servers": 1, "concurrency": 8, "latency p50 ms": 100.0}
+    runs = pd.DataFrame([{**base, "setup": "own column", "tokens per request": 16.0},
+                         {**base, "setup": "from rates", "output tokens/s": 200.0, "requests/s": 10.0},
+                         {**base, "setup": "neither"}])
+    got, _ = scale.planner_check(sweep, runs, tiny_dir, reply_tokens=64, gpu=plan.GPU.named("H200"))
+    assert got["reply tokens"].tolist() == [16, 20, 64]
+    # TTFT(8) = 36 ms, then (tokens - 1) steps of 5 ms
+    assert got["predicted latency p50 ms"].tolist() == pytest.approx([36 + 15 * 5, 36 + 19 * 5, 36 + 63 * 5])
+
+
+BURSTY = STANDIN + ["--burst", "4", "--token-delay", "0.004", "--prefill", "0.03"]
+
+
+def test_planner_predicts_a_bursty_server_and_the_chunk_gap_fit_misses(tiny_dir):
+    """Issue 16: a server that streams like TurboMind (4 tokens back to back, then a wait of 4 token times) and
+    queues prefills. Fitted on TPOT and a closed-loop TTFT line, the planner predicts the 1-server latency within
+    lab 07's 1.5x; the old fit of the same measurements (chunk gaps, ~0 inside a burst, and the concurrency-1
+    TTFT) misses it."""
+    g = proxy.Group(TINY, servers=2, strategies=["min_expected_latency"], command=BURSTY, heartbeat=1, show=False,
+                    name=f"p{int(time.time() * 1000) % 100000}")
+    try:
+        load = dict(concurrency=8, requests=24, max_tokens=32)
+        results, _ = scale.compare(g, interval=0.2, **load)
+        sweep = scale.calibrate(g.servers[0], **load)
+        basic = loadtest.run(g.servers[0], concurrency=2, requests=2, max_tokens=4)
+    finally:
+        g.stop(quiet=True)
+    assert "ITL p50 ms" in basic and "TPOT p50 ms" not in basic  # lab 02's table keeps its columns
+    assert (results["failed"] == 0).all() and (results["tokens per request"] == 32).all()
+    # 32 tokens in 8 bursts 16 ms apart: 7 x 16 ms over 31 tokens after the first = 3.6 ms (slower on a busy CPU)
+    assert sweep["TPOT p50 ms"].between(3.5, 6.0).all(), sweep["TPOT p50 ms"].tolist()
+    assert (sweep["ITL p50 ms"] < sweep["TPOT p50 ms"] / 3).all(), "the stand-in did not stream in bursts"
+    h200 = plan.GPU.named("H200")
+    planned, cal = scale.planner_check(sweep, results, tiny_dir, reply_tokens=32, share_gpu=False, gpu=h200)
+    ratio = dict(zip(planned["servers"], planned["latency measured/predicted"]))
+    assert cal.source == "measured (TPOT p50 ms)" and cal.ttft_c1 > 0, cal  # prefills queue at concurrency 8
+    assert 1 / 1.5 <= ratio[1] <= 1.5, planned.to_dict("records")  # the notebook's bounds
+    assert 1 / 3.0 <= ratio[2] <= 3.0, planned.to_dict("records")
+    # the planner before issue 16, on the same measurements: step = chunk gaps, TTFT = the concurrency-1 prefill
+    old = replace(plan.Calibration.fit(sweep, plan.Model.from_dir(tiny_dir), h200, 32, step="ITL p50 ms"), ttft_c0=None)
+    pred = plan.closed_loop(old, plan.Load(1.0, 32, 32, 3600), 8, servers=1)
+    old_ratio = float(results["latency p50 ms"].iloc[0]) / pred["predicted latency p50 ms"]
+    assert old_ratio > 1.5, f"the old fit (chunk gaps, TTFT at concurrency 1) should miss, got {old_ratio:.2f}"
 
 
 def test_loadtest_retry_bounds():
