@@ -145,14 +145,21 @@ def _lmdeploy_left(grace: float = 10.0) -> list[str]:
     import psutil
 
     mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    home = os.environ.get("LABKIT_HOME")  # this run's (others on the machine may run their own labkit)
     deadline = time.monotonic() + grace
     while True:
         left = []
         for p in psutil.process_iter(["pid", "cmdline", "status"]):
             cmd = " ".join(p.info["cmdline"] or [])
-            if p.info["pid"] not in mine and p.info["status"] != psutil.STATUS_ZOMBIE and \
-                    ("lmdeploy" in cmd or "labkit.procs" in cmd) and "pgrep" not in cmd:
-                left.append(f"{p.info['pid']}: {cmd[:160]}")
+            if p.info["pid"] in mine or p.info["status"] == psutil.STATUS_ZOMBIE or "pgrep" in cmd or \
+                    not ("lmdeploy" in cmd or "labkit.procs" in cmd):
+                continue
+            try:
+                if p.environ().get("LABKIT_HOME") != home:
+                    continue
+            except (psutil.Error, OSError):
+                continue
+            left.append(f"{p.info['pid']}: {cmd[:160]}")
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.5)
