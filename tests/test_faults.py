@@ -622,7 +622,7 @@ def test_gpu_real_server_client_disconnects_mid_stream_then_64_clients():
         assert reply.choices[0].message.content is not None
         row = loadtest.run(srv, concurrency=64, requests=64, max_tokens=16, time_limit=120)
         _report("64 concurrent clients (GPU)", row["seconds"], f"ok {row['ok']}, failed {row['failed']}")
-        assert row["ok"] == 64, row
+        assert row["ok"] == 64, f"{row['failed']} of 64 failed; first error: {row['first error']}"
     finally:
         srv.stop()
     assert_nothing_left(before, timeout=30)
