@@ -140,29 +140,14 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 def _lmdeploy_left(grace: float = 10.0) -> list[str]:
-    """lmdeploy processes (servers, engines, labkit's process wrappers) still running after a file, other than
-    pytest and its parents: what the file left behind (waits up to `grace` s for them to finish exiting)."""
-    import psutil
+    """lmdeploy processes still running after a file (labkit.serve.lmdeploy_processes: lmdeploy command lines
+    and registered servers' groups, pytest and its parents excluded), waiting up to `grace` s for them to exit."""
+    from labkit.serve import lmdeploy_processes
 
-    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    home = os.environ.get("LABKIT_HOME")  # this run's (others on the machine may run their own labkit)
     deadline = time.monotonic() + grace
-    while True:
-        left = []
-        for p in psutil.process_iter(["pid", "cmdline", "status"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if p.info["pid"] in mine or p.info["status"] == psutil.STATUS_ZOMBIE or "pgrep" in cmd or \
-                    not ("lmdeploy" in cmd or "labkit.procs" in cmd):
-                continue
-            try:
-                if p.environ().get("LABKIT_HOME") != home:
-                    continue
-            except (psutil.Error, OSError):
-                continue
-            left.append(f"{p.info['pid']}: {cmd[:160]}")
-        if not left or time.monotonic() > deadline:
-            return left
+    while (left := lmdeploy_processes()) and time.monotonic() < deadline:
         time.sleep(0.5)
+    return [f"{p['pid']}: {p['cmdline']}" for p in left]
 
 
 def pytest_runtest_logreport(report):

@@ -163,3 +163,23 @@ def test_chain_check_fails_a_plan_that_ignores_the_result():
                                {"name": "mul", "arguments": {"a": 8, "b": 2}, "result": 16}])
     assert [ok for _, ok, _ in tools.check_chain(run, 3, 5, 2)] == [True, False, True]
     assert [ok for _, ok, _ in tools.check_chain(tools.ToolRun("q", answer="no"), 3, 5, 2)] == [False, False, False]
+
+
+def test_report_chain_checks_what_each_model_must_pass(hf, capsys):
+    """Lab 02's report: on the trained model's own course-case run (add(35, 5), answer 80) strict fails on the
+    miscopy, lenient shows it and passes (mul took add's result); a plan that ignores add's result fails both."""
+    from labkit.notebook import LabCheckFailed
+
+    run = _run(hf, 3, 5, 2)
+    with pytest.raises(LabCheckFailed, match="called add"):
+        tools.report_chain(run, 3, 5, 2, what="course case", strict=True)
+    capsys.readouterr()
+    tools.report_chain(run, 3, 5, 2, what="course case", strict=False)
+    shown = capsys.readouterr().out
+    assert "no   course case: the model called add(3, 5) first" in shown and "no   course case: it answered" in shown
+    assert "no   course case: its next call" not in shown and "its next call was mul" in shown  # checked, passed
+    ignored = tools.ToolRun("Compute (3+5)*2", answer="16", result=16,
+                            calls=[{"name": "add", "arguments": {"a": 3, "b": 5}, "result": 9},
+                                   {"name": "mul", "arguments": {"a": 8, "b": 2}, "result": 16}])
+    with pytest.raises(LabCheckFailed, match="its next call was mul"):
+        tools.report_chain(ignored, 3, 5, 2, what="ignored result", strict=False)
