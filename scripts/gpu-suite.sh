@@ -43,22 +43,30 @@ PART1_TESTS=(tests/test_internlm2.py tests/test_deadline.py tests/test_backends.
 # policies only that engine has, 16 and 42, and reads its KV blocks, which TurboMind keeps in C++): they run in
 # the `--backend pytorch` suite and are left out of `--backend turbomind`, which would run them identically again.
 NOTEBOOKS=(notebooks/0*.ipynb)
-PT_ONLY=()
+LEFT_OUT=()
+# Test files whose GPU tests pick their engines themselves (each runs both, or PyTorch by design, or none): the
+# same whatever the backend, so they run in `--backend turbomind` (and auto) and `--backend pytorch` leaves them out.
+ONCE=(tests/test_vision_engines.py tests/test_chat_cli.py tests/test_demo.py tests/test_grading.py tests/test_lab01.py)
+if [ "$backend" = pytorch ]; then
+  LEFT_OUT=("${ONCE[@]/#/--ignore=}")
+  echo "--backend pytorch: ${ONCE[*]} choose their engines themselves (the same on any backend); they run in" \
+    "--backend turbomind"
+fi
 if [ "$backend" = turbomind ]; then
   NOTEBOOKS=(notebooks/0[0-35-9]_*.ipynb)
-  PT_ONLY=(--ignore=tests/test_playground.py)
+  LEFT_OUT=(--ignore=tests/test_playground.py)
   echo "--backend turbomind: notebooks/04_kv_cache.ipynb and tests/test_playground.py's GPU test run on the PyTorch" \
     "engine whatever the backend; they run in --backend pytorch"
 fi
 PART5_TESTS=(tests/test_trained_gpu.py tests/test_speed_gpu.py)
 [ "$bench" = 0 ] && case "${1:-}" in
-  "") set -- "${NOTEBOOKS[@]}" tests ${PT_ONLY[@]+"${PT_ONLY[@]}"} -m "gpu or notebook" ;;
+  "") set -- "${NOTEBOOKS[@]}" tests ${LEFT_OUT[@]+"${LEFT_OUT[@]}"} -m "gpu or notebook" ;;
   --part)
     case "${2:-}" in
       1) set -- notebooks/0[0-3]_*.ipynb "${PART1_TESTS[@]}" -m "gpu or notebook" ;;
       2) set -- $(printf '%s\n' "${NOTEBOOKS[@]}" | grep -E '/0[4-6]_') tests "${PART1_TESTS[@]/#/--ignore=}" \
            "${PART5_TESTS[@]/#/--ignore=}" --ignore=tests/test_scale.py --ignore=tests/test_faults.py \
-           ${PT_ONLY[@]+"${PT_ONLY[@]}"} -m "gpu or notebook" ;;
+           ${LEFT_OUT[@]+"${LEFT_OUT[@]}"} -m "gpu or notebook" ;;
       3) set -- notebooks/0[7-9]_*.ipynb tests/test_scale.py -m "gpu or notebook" ;;
       4) set -- tests/test_faults.py -m gpu ;;   # the fault suite's GPU cases (docs/reliability.md)
       5) set -- "${PART5_TESTS[@]}" -m "gpu or notebook" -s ;;

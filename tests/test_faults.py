@@ -620,9 +620,14 @@ def test_gpu_real_server_client_disconnects_mid_stream_then_64_clients():
                                                max_tokens=4)
         _report("client disconnects mid-stream (GPU)", time.perf_counter() - start, "next request answered")
         assert reply.choices[0].message.content is not None
-        row = loadtest.run(srv, concurrency=64, requests=64, max_tokens=16, time_limit=120)
-        _report("64 concurrent clients (GPU)", row["seconds"], f"ok {row['ok']}, failed {row['failed']}")
-        assert row["ok"] == 64, f"{row['failed']} of 64 failed; first error: {row['first error']}"
+        row, rec = loadtest.run(srv, concurrency=64, requests=64, max_tokens=16, time_limit=120, detail=True)
+        # the server's part: every request streamed to its end (16 tokens, finish_reason 'length'); a random-weight
+        # model may spend all 16 on tokens that decode to no text, which the load test counts as "no text"
+        done = (rec["finish"] == "length") & (rec["tokens"] == 16)
+        _report("64 concurrent clients (GPU)", row["seconds"],
+                f"{int(done.sum())} of 64 streamed 16 tokens to finish 'length' ({row['failed']} with no text)")
+        assert done.all(), (f"{int((~done).sum())} of 64 did not stream to their end; first error: {row['first error']}\n"
+                            + rec[~done][["tokens", "finish", "error"]].head(5).to_string())
     finally:
         srv.stop()
     assert_nothing_left(before, timeout=30)
@@ -656,7 +661,8 @@ INTERRUPTED_ENGINE = textwrap.dedent("""
     import torch, lmdeploy  # imported first: the interrupt is meant to land inside pipeline(), not in an import
     from lmdeploy import pipeline
     from labkit.engine import Engine
-    from labkit.gpu import memory_used
+    from labkit.gpu import init_cuda_context, memory_used
+    init_cuda_context()  # the kernel's own CUDA context (~0.7 GiB) stays for its life: not the engine's to free
     base = memory_used()
     print("LOADING", flush=True)
     try:

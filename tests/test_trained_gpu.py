@@ -99,20 +99,37 @@ def test_awq_perplexity_on_the_engine(tmp_path, backend):
     assert ppl["awq"] <= quant.AWQ_PPL_BOUND * ppl["bf16"]
 
 
-KV_TM_ABORT = pytest.mark.xfail(run=False, reason="on the GPU run of 2026-12-01 TurboMind aborted the whole pytest "
-                                "process (SIGABRT, no message) in kv_quality on the trained model (head_dim 64): not "
-                                "run on TurboMind until that is understood; the PyTorch engine's numbers stand")
+KV_CHILD = """
+import sys
+from labkit.kvquality import kv_quality
+print("TABLE", kv_quality(sys.argv[1], policies=(0, 8, 4), backend=sys.argv[2]).to_json(orient="records"), flush=True)
+"""
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=KV_TM_ABORT) if b == "turbomind" else b
-                                     for b in suite_backends()])
+@pytest.mark.parametrize("backend", suite_backends())
 def test_kv_cache_int8_int4_quality(backend):
-    """KV int8 / int4 against fp16 on the trained model: greedy replies' token agreement and perplexity."""
-    from labkit.kvquality import kv_quality
+    """KV int8 / int4 against fp16 on the trained model: greedy replies' token agreement and perplexity. In a child
+    process: TurboMind aborted the whole pytest process here once (SIGABRT), so an abort is this test's failure, with
+    the engine's last lines."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    import pandas as pd
+
     from labkit.models import resolve
 
     model_dir = resolve(TRAINED)
-    table = kv_quality(model_dir, policies=(0, 8, 4), backend=_backend_or_skip(backend, model_dir))
+    backend = _backend_or_skip(backend, model_dir)
+    child = subprocess.run([sys.executable, "-c", KV_CHILD, str(model_dir), backend], capture_output=True, text=True,
+                           timeout=480)
+    out = child.stdout + child.stderr
+    if child.returncode != 0:
+        how = (f"killed by {signal.Signals(-child.returncode).name}" if child.returncode < 0
+               else f"exit code {child.returncode}")
+        pytest.fail(f"kv_quality on {backend} {how}; its last lines:\n" + "\n".join(out.splitlines()[-25:]))
+    table = pd.DataFrame(json.loads(out.split("TABLE ", 1)[1].splitlines()[0]))
     print(table.to_string())
     rows = table.set_index("quant_policy")
     assert rows.loc[8, "token agreement"] >= 0.9
