@@ -302,8 +302,9 @@ def overhead(model: Any, batch: int = 8, new_tokens: int = 64, pairs: int = 21, 
                 time.sleep(slowdown_s)
             return eng.generate(prompts, max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
 
-        def via_raw():
-            return eng.pipe(prompts, gen_config=GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
+        def via_raw():  # the same work as labkit's path: greedy, as temperature=0 there
+            return eng.pipe(prompts, gen_config=GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True,
+                                                                 do_sample=False))
 
         def timed(fn) -> float:
             start = time.perf_counter()

@@ -134,6 +134,9 @@ def gen_config(max_new_tokens: int = 256, temperature: float = 0.8, top_p: float
                             ignore_eos=ignore_eos, do_sample=do_sample, **extra)
 
 
+_INTERRUPTED = {"load": False}  # a Ctrl-C cut a load short in this kernel (it may have cut an import short too)
+
+
 class Engine(Live):
     """An LMDeploy pipeline with a name, the backend it chose, and its GPU memory measured."""
 
@@ -169,7 +172,13 @@ class Engine(Live):
         except BaseException as err:  # Ctrl-C too: whatever was half built goes, so the cell can be re-run
             _free_partial(self.memory_before)
             if isinstance(err, KeyboardInterrupt):
+                _INTERRUPTED["load"] = True
                 print(f"\ninterrupted: engine {name!r} not started; its memory is given back")
+            if isinstance(err, ImportError) and _INTERRUPTED["load"]:
+                raise EngineError(f"the engine for {self.model_dir.name} failed to start: {type(err).__name__} "
+                                  f"({str(err)[:120]}): an earlier Ctrl-C stopped Python halfway through importing "
+                                  f"the engine's modules, which stay broken in this kernel: restart the kernel "
+                                  f"(Kernel > Restart) and run the cells again") from err
             if isinstance(err, Exception):
                 raise EngineError(_explain(err, self.model_dir, cache_ratio)) from err
             raise
