@@ -1,14 +1,20 @@
 """Lab 07's experiments on a labkit.proxy.Group: one server vs two behind each routing strategy, one server
-killed in the middle of a load test, prefix caching on and off. Each returns tables the notebook shows.
+killed in the middle of a load test, prefix caching on and off, what the proxy's relay of every streamed token
+costs (one server direct vs behind a proxy whose only node it is). Each returns tables the notebook shows.
 """
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from labkit import loadtest, metrics
 
+if TYPE_CHECKING:
+    import pandas as pd
+
+RELAY_COLUMNS = ("setup", "ok", "failed", "output tokens/s", "TTFT p50 ms", "TPOT p50 ms", "latency p50 ms",
+                 "added ms per token", "proxy CPU us per token", "proxy ceiling tokens/s", "first error")
 PHASES = ("before the kill", "until the proxy dropped it", "after the proxy dropped it")
 WORDS = ("lighthouse keeper harbour ledger storm signal lantern rope tide compass island ferry gull beacon "
          "fog bell chart anchor pier current dune reef mast sail cargo").split()
@@ -190,3 +196,91 @@ def calibrate(server, concurrency: int = 16, requests: int = 64, max_tokens: int
     rows = [loadtest.run(server, 1, min(8, requests), max_tokens, time_limit=time_limit, extended=True),
             loadtest.run(server, concurrency, requests, max_tokens, time_limit=time_limit, extended=True)]
     return pd.DataFrame(rows)
+
+
+def relay_cost(server: Any, proxy: Any = None, concurrency: int = 8, requests: int = 32, max_tokens: int = 128,
+               rounds: int = 1, time_limit: float = 120.0) -> pd.DataFrame:
+    """`server` direct and through a proxy with it as only node (None: one is started): a row each, the relay's cost."""
+    from labkit.proxy import Proxy
+
+    if not isinstance(rounds, int) or not 1 <= rounds <= 10:
+        raise loadtest.LoadTestError(f"rounds must be a whole number in 1..10, not {rounds!r}")
+    if not isinstance(max_tokens, int) or max_tokens < 2:
+        raise loadtest.LoadTestError(f"max_tokens must be a whole number >= 2 (TPOT counts the tokens after the "
+                                     f"first), not {max_tokens!r}")
+    own = proxy is None
+    if own:
+        proxy = Proxy(server.model_dir, name=f"{server.name}-relay", show=False)
+    try:
+        if own:
+            proxy.add(server.base_url, [server.model_name])
+            proxy.wait_nodes([server.base_url], timeout=10)
+        _only_node(proxy, server)
+        return relay_rows(server, proxy, concurrency, requests, max_tokens, rounds, time_limit)
+    finally:
+        if own:
+            proxy.stop()
+
+
+def _only_node(proxy: Any, server: Any) -> None:
+    """ProxyError unless `proxy` is a labkit Proxy that routes to `server` and to nothing else."""
+    from labkit.proxy import Proxy, ProxyError
+
+    if not isinstance(proxy, Proxy):
+        raise ProxyError(f"proxy must be a labkit.proxy.Proxy, not {type(proxy).__name__}: pass proxy=None and "
+                         f"relay_cost starts one with only this server behind it")
+    nodes = proxy.node_urls()
+    if nodes != [server.base_url]:
+        raise ProxyError(f"the proxy at {proxy.url} routes to {nodes}, not to {server.base_url} alone: the relay cost "
+                         f"needs a proxy with this one node (pass proxy=None, or proxy.remove(url) the others)")
+
+
+def relay_rows(direct: Any, via: Any, concurrency: int = 8, requests: int = 32, max_tokens: int = 128,
+               rounds: int = 1, time_limit: float = 120.0) -> pd.DataFrame:
+    """relay_cost's measurement (`direct`, `via` alternating `rounds` times; the median run by TPOT), no node check."""
+    import pandas as pd
+
+    load = dict(model=getattr(direct, "model_name", None), time_limit=time_limit)
+    for target in (direct, via):
+        loadtest.run(target, min(2, concurrency), min(2, requests), 8, **load)
+    pid = getattr(getattr(via, "server", None), "pid", None)  # the proxy process (a labkit Proxy's), else None
+    runs: dict[str, list[dict]] = {"direct": [], "through the proxy": []}
+    for _ in range(rounds):
+        runs["direct"].append(_relay_run(direct, concurrency, requests, max_tokens, None, load))
+        runs["through the proxy"].append(_relay_run(via, concurrency, requests, max_tokens, pid, load))
+    rows = [{"setup": setup, **sorted(got, key=lambda r: r["TPOT p50 ms"] or 0.0)[len(got) // 2]}
+            for setup, got in runs.items()]
+    base = rows[0]["TPOT p50 ms"]
+    for row in rows:
+        tpot = row["TPOT p50 ms"]
+        row["added ms per token"] = None if tpot is None or base is None else round(tpot - base, 3)
+    return pd.DataFrame(rows, columns=list(RELAY_COLUMNS))
+
+
+def _relay_run(target: Any, concurrency: int, requests: int, max_tokens: int, pid: int | None, load: dict) -> dict:
+    """One load test of `target`: its RELAY_COLUMNS figures, with the CPU time process `pid` spent per output token."""
+    before = _cpu_seconds(pid)
+    row, recs = loadtest.run(target, concurrency, requests, max_tokens, require_finish=True, detail=True,
+                             extended=True, **load)
+    after = _cpu_seconds(pid)
+    tokens = int(recs.loc[recs["ok"], "tokens"].sum())
+    cpu_us = (after - before) / tokens * 1e6 if before is not None and after is not None and tokens else None
+    out = {k: row[k] for k in ("ok", "failed", "output tokens/s", "first error")}
+    out.update({k: None if row[k] is None else round(row[k], 3) for k in ("TTFT p50 ms", "TPOT p50 ms",
+                                                                         "latency p50 ms")})
+    out["proxy CPU us per token"] = None if cpu_us is None else round(cpu_us, 1)
+    out["proxy ceiling tokens/s"] = round(1e6 / cpu_us) if cpu_us else None  # what one busy core would relay
+    return out
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds process `pid` has used so far (None without a pid, or once it is gone)."""
+    if pid is None:
+        return None
+    import psutil
+
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return t.user + t.system

@@ -131,7 +131,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 time.sleep(float(opt("--start-delay", "0")))  # an engine that takes a while to load
-server = ThreadingHTTPServer((host, port), Handler)
+ThreadingHTTPServer.request_queue_size = 128  # listen backlog (uvicorn's is 2048): with socketserver's 5, a burst
+server = ThreadingHTTPServer((host, port), Handler)  # of connects loses SYNs, which the client resends after 1 s
 server.daemon_threads = True
 if proxy_url:  # as lmdeploy's api_server does once its engine is up (register_to_proxy)
     def register():

@@ -424,6 +424,46 @@ def test_planner_predicts_a_bursty_server_and_the_chunk_gap_fit_misses(tiny_dir)
     assert old_ratio > 1.5, f"the old fit (chunk gaps, TTFT at concurrency 1) should miss, got {old_ratio:.2f}"
 
 
+FAST = STANDIN + ["--token-delay", "0"]  # streams as fast as it can: what is slower through the proxy is the relay
+
+
+def _relay_adds(table, requests: int) -> None:
+    """What must hold when a proxy relays the stream: every request ok, and TPOT through it above direct by more
+    than run-to-run noise (15 %: controls differed by up to 5 %)."""
+    direct, via = table.set_index("setup").loc[["direct", "through the proxy"]].to_dict("records")
+    assert (table["failed"] == 0).all() and (table["ok"] == requests).all(), table["first error"].tolist()
+    assert via["TPOT p50 ms"] > 1.15 * direct["TPOT p50 ms"], \
+        f"no relay cost: TPOT {via['TPOT p50 ms']} ms through the 'proxy', {direct['TPOT p50 ms']} ms direct"
+
+
+def test_relay_cost_direct_vs_through_the_proxy(tiny_dir):
+    """The proxy's relay measured: one stand-in streaming 256 tokens per request as fast as it can, 8 clients,
+    direct and through a real `lmdeploy serve proxy` with only it as node. The check fails on a control whose
+    'proxy' is the server itself, and relay_cost refuses a proxy with two nodes."""
+    g = proxy.Group(TINY, servers=2, command=FAST, heartbeat=1, show=False,
+                    name=f"rc{int(time.time() * 1000) % 100000}")
+    load = dict(concurrency=8, requests=32, max_tokens=256, rounds=3)
+    try:
+        with pytest.raises(proxy.ProxyError, match="not to .* alone"):
+            scale.relay_cost(g.servers[0], g.proxy(), **load)
+        with pytest.raises(proxy.ProxyError, match="must be a labkit.proxy.Proxy"):
+            scale.relay_cost(g.servers[0], g.servers[0], **load)
+        table = scale.relay_cost(g.servers[0], **load)  # its own proxy, one node
+        control = scale.relay_rows(g.servers[0], g.servers[0], **load)  # the "proxy" is the server itself
+    finally:
+        g.stop(quiet=True)
+    import pandas as pd
+
+    with pd.option_context("display.width", 250, "display.max_columns", 20):
+        print("\n" + table.to_string(index=False) + "\ncontrol (the 'proxy' is the server itself):\n"
+              + control.to_string(index=False))
+    _relay_adds(table, 32)
+    via = table.iloc[1]
+    assert via["proxy CPU us per token"] > 0 and via["added ms per token"] > 0
+    with pytest.raises(AssertionError, match="no relay cost"):
+        _relay_adds(control, 32)
+
+
 def test_loadtest_retry_bounds():
     with pytest.raises(loadtest.LoadTestError, match="retries"):
         loadtest.run("http://127.0.0.1:9", retries=99, model="m")
