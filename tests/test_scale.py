@@ -472,6 +472,39 @@ def test_loadtest_retry_bounds():
 # ----------------------------------------------------------------------------- GPU: real api_servers
 
 @pytest.mark.gpu
+def test_gpu_what_slows_two_servers_on_one_gpu():
+    """Lab 07 measured two servers behind the proxy slower per token than one direct (TurboMind, tiny model). Two
+    suspects, measured apart on the suite's engine: the proxy's relay (one server direct vs through a proxy with it
+    as only node) and sharing the GPU (one server alone vs two loaded at once, each direct). Prints both."""
+    import threading
+
+    import pandas as pd
+
+    from helpers import TRAINED
+    from labkit.models import resolve
+
+    load = dict(concurrency=8, requests=32, max_tokens=32)
+    with proxy.Group(resolve(TRAINED), servers=2, strategies=["random"], cache_ratio=0.05, show=False,
+                     name="gpu-share") as g:
+        for srv in g.servers:  # warm at the measured concurrency
+            loadtest.run(srv, 8, 8, 16)
+        relay = scale.relay_cost(g.servers[0], rounds=2, **load)
+        alone = loadtest.run(g.servers[0], load["concurrency"], load["requests"], load["max_tokens"], extended=True)
+        both: dict[int, dict] = {}
+        threads = [threading.Thread(target=lambda i=i: both.__setitem__(i, loadtest.run(
+            g.servers[i], load["concurrency"], load["requests"], load["max_tokens"], extended=True))) for i in (0, 1)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    cols = ["ok", "failed", "output tokens/s", "TTFT p50 ms", "TPOT p50 ms", "latency p50 ms"]
+    share = pd.DataFrame([{"setup": "1 server alone", **{c: alone[c] for c in cols}}]
+                         + [{"setup": f"server {i} while both are loaded", **{c: both[i][c] for c in cols}}
+                            for i in (0, 1)])
+    with pd.option_context("display.width", 250, "display.max_columns", 20):
+        print("\n" + relay.to_string(index=False) + "\n" + share.to_string(index=False))
+    assert (relay["failed"] == 0).all() and (share["failed"] == 0).all()
+
+
+@pytest.mark.gpu
 def test_real_api_server_killed_mid_test_and_nothing_left():
     """Two real api_servers behind the real proxy on one GPU: one is SIGKILLed during a load test, the proxy
     drops it, the survivor answers, and the group's processes and GPU memory are gone after stop."""
