@@ -21,6 +21,9 @@ QUANT_POLICIES = KV_POLICIES
 COURSE_POLICIES = (0, 4, 8)   # what the course taught (lab 00's budget); 16, 17 and 42 are new in 0.18's list
 FP8_POLICIES = (16, 17)
 TURBO_QUANT = 42
+# head_dims for which TurboMind aborted the process on an int4 KV cache (the labkit test that found each)
+TM_INT4_ABORTS = {64: "GPU suite 2026-12-01, H200, lmdeploy 0.18, labkit's trained model: '[TM][FATAL] CUDA error: "
+                      "misaligned address' in Engine::Impl::Update"}
 # TurboMind: its config refuses FP8 ("FP8 quantization is not supported"); 42 it accepts, but its kernels read
 # quant_policy as bit flags (src/turbomind/kernels/attention/decoding.cu: policy & 8 = int8, & 4 = int4) and have
 # no TurboQuant path (nor has the 0.18 wheel's _turbomind.so any TurboQuant symbol), so 42 (0b101010) would
@@ -60,7 +63,8 @@ class ModelShape:
 
 def check_policy(quant_policy: int, backend: str | None = None, head_dim: int | None = None) -> int:
     """The policy itself if lmdeploy 0.18 and the chosen engine take it, else an OptionError with the engine's
-    reason: TurboMind rejects FP8 (16/17) and TurboQuant (42, PyTorch engine only, power-of-two head_dim)."""
+    reason: TurboMind rejects FP8 (16/17) and TurboQuant (42, PyTorch engine only, power-of-two head_dim), and int4 (4)
+    where it aborted on the model's head_dim (TM_INT4_ABORTS)."""
     if isinstance(quant_policy, bool) or quant_policy not in KV_POLICIES:
         raise OptionError(f"quant_policy must be one of {sorted(KV_POLICIES)} "
                           f"({', '.join(f'{k}: {v}' for k, v in KV_POLICIES.items())}), not {quant_policy!r}")
@@ -72,6 +76,10 @@ def check_policy(quant_policy: int, backend: str | None = None, head_dim: int | 
     if backend == "turbomind" and quant_policy == TURBO_QUANT:
         raise OptionError("quant_policy 42 (TurboQuant) runs on lmdeploy's PyTorch engine only (TurboMind has no "
                           "TurboQuant kernels: 42 would run as int8): use backend='pytorch', or 4 / 8 on TurboMind")
+    if backend == "turbomind" and quant_policy == 4 and head_dim in TM_INT4_ABORTS:
+        raise OptionError(f"TurboMind aborts the whole process on an int4 KV cache (quant_policy 4) with head_dim "
+                          f"{head_dim}, this model's ({TM_INT4_ABORTS[head_dim]}): use quant_policy 8 on TurboMind, "
+                          f"or backend='pytorch' for int4")
     if quant_policy == TURBO_QUANT and head_dim is not None and head_dim & (head_dim - 1):
         raise OptionError(f"quant_policy 42 (TurboQuant) needs a power-of-two head_dim, and this model's is "
                           f"{head_dim} (lmdeploy: 'TurboQuant requires power-of-2 K/Q head dim'): use 4 or 8")

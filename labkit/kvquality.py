@@ -35,10 +35,15 @@ def kv_quality(model_dir: str | Path, policies: tuple[int, ...] = (0, 8, 4), bac
 
     if 0 not in policies:
         raise InputError("policies must include 0 (the fp16 KV cache every other row is compared with)")
+    from labkit.engine import check_options, choose_backend
+
+    chosen = choose_backend(model_dir, backend)[0]
+    for policy in policies:  # every policy checked before the first engine loads
+        check_options(cache_ratio, policy, backend=chosen, model_dir=model_dir)
     replies: dict[int, list[list[int]]] = {}
     rows = []
     for policy in sorted(policies, key=lambda p: p != 0):
-        with Engine(model_dir, backend=backend, name="kv-quality", quant_policy=policy,
+        with Engine(model_dir, backend=chosen, name="kv-quality", quant_policy=policy,
                     cache_ratio=cache_ratio) as eng:
             out = eng.generate(list(PROMPTS), max_new_tokens=new_tokens, temperature=0.0)
             replies[policy] = [list(r.token_ids) for r in out]

@@ -662,7 +662,7 @@ def test_gpu_real_server_killed_while_loading():
 
 
 INTERRUPTED_ENGINE = textwrap.dedent("""
-    import time
+    import os, signal, threading, time
     import torch, lmdeploy  # imported first: the interrupt is meant to land inside pipeline(), not in an import
     from lmdeploy import pipeline
     from labkit.engine import Engine
@@ -670,6 +670,14 @@ INTERRUPTED_ENGINE = textwrap.dedent("""
     init_cuda_context()  # the kernel's own CUDA context (~0.7 GiB) stays for its life: not the engine's to free
     Engine({model!r}, name="fault", cache_ratio=0.1).close()  # the engine's lazy imports done: the Ctrl-C below
     base = memory_used()                                     # lands in the load itself (weights, cache), not in one
+
+    def ctrl_c_while_loading():  # Ctrl-C once the load is allocating (a warm TurboMind load takes under a second)
+        while memory_used() - base < 256 * 2**20:
+            time.sleep(0.002)
+        print("SENT", time.time(), flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_while_loading, daemon=True).start()
     print("LOADING", flush=True)
     try:
         Engine({model!r}, name="fault", cache_ratio=0.1)
@@ -693,13 +701,7 @@ def test_gpu_kernel_interrupted_while_an_engine_loads_and_while_it_streams():
     before = Snapshot()
     kernel = subprocess.Popen([sys.executable, "-c", INTERRUPTED_ENGINE.format(model=TINY)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    for line in kernel.stdout:
-        if line.startswith("LOADING"):
-            break
-    time.sleep(1.0)  # inside pipeline(): weights loading / cache allocation (a warm load takes a few seconds)
-    sent = time.time()
-    kernel.send_signal(signal.SIGINT)
-    lines = []
+    lines = []  # the kernel sends itself the first Ctrl-C, inside pipeline() (SENT), the test the second
     for line in kernel.stdout:
         lines.append(line)
         if line.startswith("STREAMING"):
@@ -713,6 +715,7 @@ def test_gpu_kernel_interrupted_while_an_engine_loads_and_while_it_streams():
         out = "".join(lines) + kernel.communicate()[0]
         raise AssertionError("the kernel hung after the interrupts:\n" + out[-3000:]) from None
     load = re.search(r"INTERRUPTED ([\d.]+) (-?\d+)", out)
+    sent = float(re.search(r"SENT ([\d.]+)", out).group(1)) if "SENT " in out else float("inf")
     stream = re.search(r"STREAM-INTERRUPTED ([\d.]+)", out)
     left = re.search(r"LEFT MiB (-?\d+)", out)
     assert load and stream and left and "AGAIN" in out, out[-3000:]

@@ -302,6 +302,20 @@ def test_turbomind_refuses_fp8_and_turboquant_with_the_engines_reason(policy, ma
     assert kvcache.check_policy(8, "turbomind") == 8
 
 
+def test_turbomind_int4_is_refused_where_it_aborted_and_taken_elsewhere():
+    """head_dim 64 aborted TurboMind with int4 (the GPU suite's kv_quality test): refused before anything loads, on
+    TurboMind only; the course model's head_dim 128 and the PyTorch engine take it."""
+    from labkit.engine import check_options
+    from labkit.models import resolve
+
+    with pytest.raises(kvcache.OptionError, match="aborts the whole process on an int4 KV cache .* head_dim 64") as err:
+        check_options(0.05, 4, backend="turbomind", model_dir=resolve("trained:tiny-chat"))  # head_dim 64
+    assert "\n" not in str(err.value) and "quant_policy 8" in str(err.value)
+    assert kvcache.check_policy(4, "turbomind", head_dim=128) == 4
+    assert kvcache.check_policy(4, "pytorch", head_dim=64) == 4
+    check_options(0.05, 8, backend="turbomind", model_dir=resolve("trained:tiny-chat"))
+
+
 def test_turboquant_needs_a_power_of_two_head_dim():
     with pytest.raises(kvcache.OptionError, match="power-of-two head_dim.*96"):
         kvcache.check_policy(42, "pytorch", head_dim=96)
