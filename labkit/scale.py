@@ -40,9 +40,10 @@ def compare(group, concurrency: int = 16, requests: int = 64, max_tokens: int = 
     scraped throughout; (results table, metrics samples table)."""
     urls = [s.base_url for s in group.servers]
     rows = []
-    # at the measured concurrency: the PyTorch engine builds kernels for each new batch size on first use (the GPU run
-    # of 2026-12-01 measured the direct run 1.54x the planner after a warm-up of 4)
-    warm = dict(concurrency=concurrency, requests=concurrency, max_tokens=16, time_limit=time_limit)
+    # the measured load itself, once: the PyTorch engine builds kernels for each new mix of prefill and decode on first
+    # use (on 2026-12-01 its direct run measured 1.54x the planner after a warm-up of 4 requests, and failed again
+    # after one of `concurrency` short ones; the planner's calibration, run later, saw a warm engine)
+    warm = dict(concurrency=concurrency, requests=requests, max_tokens=max_tokens, time_limit=time_limit)
     for srv in group.servers:  # first requests compile kernels: not measured
         loadtest.run(srv, **warm)
     with metrics.Sampler(group.servers, interval=interval) as sampler:
