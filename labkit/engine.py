@@ -62,7 +62,7 @@ def check_options(cache_ratio: float = 0.8, quant_policy: int = 0, session_len: 
         check_backend(backend)
     kvcache.check_ratio(cache_ratio, backend)
     head_dim = None
-    if model_dir is not None and (quant_policy == kvcache.TURBO_QUANT or (quant_policy == 4 and backend == "turbomind")):
+    if model_dir is not None and quant_policy in (4, kvcache.TURBO_QUANT):  # the two whose checks need head_dim
         try:
             head_dim = kvcache.ModelShape.from_dir(model_dir).head_dim
         except (OSError, KeyError, ValueError):

@@ -119,10 +119,9 @@ def test_kv_cache_int8_int4_quality(backend):
 
     import pandas as pd
 
-    from labkit.models import resolve
-
     from labkit import kvcache
     from labkit.engine import check_options
+    from labkit.models import resolve
 
     model_dir = resolve(TRAINED)
     backend = _backend_or_skip(backend, model_dir)
