@@ -337,16 +337,12 @@ def check_chain(run: ToolRun, a: float, b: float, c: float) -> list[tuple[str, b
     ]
 
 
-def report_chain(run: ToolRun, a: float, b: float, c: float, what: str, strict: bool = True, fix: str = "") -> None:
-    """Lab 02's chain checks as labkit.check lines; strict=False (labkit's small trained model, which miscopies
-    numbers from the question) checks only that mul took add's returned value and shows the other two lines."""
+def report_chain(run: ToolRun, a: float, b: float, c: float, what: str, fix: str = "") -> None:
+    """Lab 02's chain checks (add(a, b), mul with add's returned value and c, the answer) as labkit.check lines."""
     from labkit.notebook import check
 
-    for k, (name, ok, measured) in enumerate(check_chain(run, a, b, c)):
-        if strict or k == 1:
-            check(f"{what}: {name}", ok, measured, fix=fix)
-        else:
-            print(("ok   " if ok else "no   ") + f"{what}: {name}  ({measured})")
+    for name, ok, measured in check_chain(run, a, b, c):
+        check(f"{what}: {name}", ok, measured, fix=fix)
 
 
 def forced_call(name: str, args: dict, tools: list[dict] = TOOLS, max_tokens: int = 400) -> dict:

@@ -105,9 +105,9 @@ def test_writes_a_story_of_250_to_400_characters(hf, subject):
     assert subject.split()[-1] in reply.text
 
 
-def _run(hf, a, b, c, dispatch=tools.DISPATCH):
+def _run(hf, a, b, c, dispatch=tools.DISPATCH, temperature=0.0):
     return tools.run_tool_loop(tools.LocalClient(hf, "qwen"), "trained", f"Compute ({a}+{b})*{c}",
-                               dispatch=dispatch, max_rounds=4)
+                               dispatch=dispatch, max_rounds=4, temperature=temperature, top_p=1.0)
 
 
 def test_3_plus_5_times_2_calls_add_then_mul_with_its_result(hf):
@@ -119,12 +119,14 @@ def test_3_plus_5_times_2_calls_add_then_mul_with_its_result(hf):
     assert run.answer and run.answer.startswith("The answer is")
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped 0.77M model copies '(3+5)' as add(35, 5) (greedy); "
-                                       "26/30 held-out add calls are right. Strict: a better re-train makes this fail "
-                                       "until the mark is removed")
 def test_course_case_exactly(hf):
+    """add(3, 5) -> 8, mul(8, 2) -> 16, "The answer is 16." (greedy), and at the course client's temperature."""
     run = _run(hf, 3, 5, 2)
     assert all(ok for _, ok, _ in tools.check_chain(run, 3, 5, 2)), tools.check_chain(run, 3, 5, 2)
+    sampled = [_run(hf, 3, 5, 2, temperature=0.8) for _ in range(5)]
+    right = sum(all(ok for _, ok, _ in tools.check_chain(r, 3, 5, 2)) for r in sampled)
+    print(f"temperature 0.8: {right}/5 reached 16")
+    assert right >= 4
 
 
 def test_the_second_call_takes_the_tool_result_not_its_own_sum(hf):
@@ -142,7 +144,7 @@ def test_the_second_call_takes_the_tool_result_not_its_own_sum(hf):
 
 # What the shipped model does on 20 held-out "(a+b)*c" (greedy), as measured when it was trained: each step
 # at or above these shares, so a worse re-train fails here.
-HELD_OUT_MIN = {"add(a, b)": 0.7, "mul(result, c)": 0.9, "answer": 0.3}
+HELD_OUT_MIN = {"add(a, b)": 0.9, "mul(result, c)": 0.9, "answer": 0.9}  # measured: 20/20 each
 
 
 def test_held_out_numbers(hf):
@@ -165,21 +167,18 @@ def test_chain_check_fails_a_plan_that_ignores_the_result():
     assert [ok for _, ok, _ in tools.check_chain(tools.ToolRun("q", answer="no"), 3, 5, 2)] == [False, False, False]
 
 
-def test_report_chain_checks_what_each_model_must_pass(hf, capsys):
-    """Lab 02's report: on the trained model's own course-case run (add(35, 5), answer 80) strict fails on the
-    miscopy, lenient shows it and passes (mul took add's result); a plan that ignores add's result fails both."""
+def test_report_chain_passes_the_course_case_and_fails_a_lie_or_an_ignored_result(hf, capsys):
+    """Lab 02's report: the trained model's course-case run passes all three lines; with an add that lies the
+    answer line fails; a plan that ignores add's result fails the second line."""
     from labkit.notebook import LabCheckFailed
 
-    run = _run(hf, 3, 5, 2)
-    with pytest.raises(LabCheckFailed, match="called add"):
-        tools.report_chain(run, 3, 5, 2, what="course case", strict=True)
-    capsys.readouterr()
-    tools.report_chain(run, 3, 5, 2, what="course case", strict=False)
-    shown = capsys.readouterr().out
-    assert "no   course case: the model called add(3, 5) first" in shown and "no   course case: it answered" in shown
-    assert "no   course case: its next call" not in shown and "its next call was mul" in shown  # checked, passed
+    tools.report_chain(_run(hf, 3, 5, 2), 3, 5, 2, what="course case")
+    assert capsys.readouterr().out.count("course case:") == 3
+    liar = {**tools.DISPATCH, "add": lambda a, b: a + b + 1}
+    with pytest.raises(LabCheckFailed, match="it answered 16"):
+        tools.report_chain(_run(hf, 3, 5, 2, dispatch=liar), 3, 5, 2, what="lying add")
     ignored = tools.ToolRun("Compute (3+5)*2", answer="16", result=16,
                             calls=[{"name": "add", "arguments": {"a": 3, "b": 5}, "result": 9},
                                    {"name": "mul", "arguments": {"a": 8, "b": 2}, "result": 16}])
     with pytest.raises(LabCheckFailed, match="its next call was mul"):
-        tools.report_chain(ignored, 3, 5, 2, what="ignored result", strict=False)
+        tools.report_chain(ignored, 3, 5, 2, what="ignored result")

@@ -38,15 +38,22 @@ def server(request):
 
 
 def test_course_client_computes_3_plus_5_times_2(server):
-    """The course's function-calling client: temperature 0.8, tools add and mul, no tool_choice."""
-    client = server.client()
-    run = tools.run_tool_loop(client, server.model_name, "Compute (3+5)*2", temperature=0.0, max_tokens=None,
-                              tool_choice=None)
+    """The course's function-calling client (tools add and mul, no tool_choice, no max_tokens): greedy, then at its
+    temperature 0.8: add(3, 5), mul(8, 2) with the 8 from add's result, "The answer is 16."."""
+    def course_run(temperature):
+        run = tools.run_tool_loop(server.client(), server.model_name, "Compute (3+5)*2", temperature=temperature,
+                                  max_tokens=None, tool_choice=None)
+        return run, tools.check_chain(run, 3, 5, 2)
+
+    run, checks = course_run(0.0)
     print(server.backend, run.table().to_string())
-    checks = tools.check_chain(run, 3, 5, 2)
-    print(checks)  # the shipped model writes add(35, 5) here on CPU (greedy): add and answer are reported
-    assert [c["name"] for c in run.calls] == ["add", "mul"] and run.errors == 0
-    assert checks[1][1], checks  # the second call's argument is the first tool result
+    print(checks)
+    assert all(ok for _, ok, _ in checks) and run.errors == 0, checks
+    assert [c["name"] for c in run.calls] == ["add", "mul"] and run.result == 16
+    sampled = [course_run(0.8) for _ in range(5)]
+    right = sum(all(ok for _, ok, _ in checks) for _, checks in sampled)
+    print(f"{server.backend}: temperature 0.8: {right}/5 reached 16")
+    assert right >= 4  # on CPU (transformers, temperature 0.8, top_p 1): 20/20
 
 
 def test_held_out_tool_calls(server):
@@ -59,7 +66,7 @@ def test_held_out_tool_calls(server):
         run = tools.run_tool_loop(server.client(), server.model_name, f"Compute ({a}+{b})*{c}", temperature=0.0)
         good += all(ok for _, ok, _ in tools.check_chain(run, a, b, c))
     print(f"{server.backend}: {good}/{len(cases)} held-out (a+b)*c fully right through the tools")
-    assert good >= 2  # on CPU (transformers, greedy) 13/30 were fully right, 30/30 passed the result on
+    assert good >= 8  # on CPU (transformers, greedy): 20/20 of another held-out set (tests/test_trained.py)
 
 
 def test_story_and_stop_without_max_tokens(server):
