@@ -8,8 +8,10 @@ Which backend runs a model is labkit.backends (its names are importable from her
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -137,6 +139,27 @@ def gen_config(max_new_tokens: int = 256, temperature: float = 0.8, top_p: float
 _INTERRUPTED = {"load": False}  # a Ctrl-C cut a load short in this kernel (it may have cut an import short too)
 
 
+@contextlib.contextmanager
+def _noting_ctrl_c() -> Iterator[dict]:
+    """While it lasts, a Ctrl-C (SIGINT) is noted, then handled as before: {"seen": True} once one came."""
+    seen = {"seen": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    before = signal.getsignal(signal.SIGINT)
+
+    def note(signum, frame):
+        seen["seen"] = True
+        if callable(before):
+            before(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 class Engine(Live):
     """An LMDeploy pipeline with a name, the backend it chose, and its GPU memory measured."""
 
@@ -167,13 +190,22 @@ class Engine(Live):
         logging.getLogger("lmdeploy").setLevel(log_level)
         self.closed = True  # until the pipeline exists
         try:
-            self.pipe = pipeline(str(self.model_dir), backend_config=self.config, log_level=log_level,
-                                 **pipeline_kwargs)
+            with _noting_ctrl_c() as ctrl_c:
+                self.pipe = pipeline(str(self.model_dir), backend_config=self.config, log_level=log_level,
+                                     **pipeline_kwargs)
         except BaseException as err:  # Ctrl-C too: whatever was half built goes, so the cell can be re-run
             _free_partial(self.memory_before)
+            if isinstance(err, SystemExit):  # the PyTorch engine checks its environment in a child process and
+                # calls exit(1) when anything stops the check, a Ctrl-C included (measured on the GPU runner)
+                if not ctrl_c["seen"]:
+                    raise EngineError(f"the engine for {self.model_dir.name} failed lmdeploy's environment check "
+                                      f"(the '<...> check failed!' line above says which part): fix that, or run "
+                                      f"`labkit doctor`") from None
+                err = KeyboardInterrupt()
             if isinstance(err, KeyboardInterrupt):
                 _INTERRUPTED["load"] = True
                 print(f"\ninterrupted: engine {name!r} not started; its memory is given back")
+                raise err from None
             if isinstance(err, ImportError) and _INTERRUPTED["load"]:
                 raise EngineError(f"the engine for {self.model_dir.name} failed to start: {type(err).__name__} "
                                   f"({str(err)[:120]}): an earlier Ctrl-C stopped Python halfway through importing "

@@ -99,3 +99,21 @@ def test_a_gpu_too_full_for_the_model_is_refused_before_anything_loads():
     finally:
         del ballast
         torch.cuda.empty_cache()
+
+
+def test_a_ctrl_c_during_the_load_is_noted_and_still_interrupts():
+    """lmdeploy's PyTorch engine turns a Ctrl-C in its environment check into exit(1); Engine tells the two apart
+    by noting the SIGINT. The note must not swallow it: the KeyboardInterrupt still comes, the handler comes back."""
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with engine._noting_ctrl_c() as ctrl_c:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+    assert ctrl_c["seen"] and signal.getsignal(signal.SIGINT) is before
+    with engine._noting_ctrl_c() as quiet:
+        pass
+    assert not quiet["seen"]
