@@ -288,6 +288,41 @@ def test_structured_validation_accepts_the_form_and_rejects_the_rest():
     assert structured.response_format(structured.PERSON)["json_schema"]["schema"] is structured.PERSON
 
 
+def test_the_grammar_check_takes_whole_and_cut_documents_and_rejects_the_rest():
+    """What constrained decoding guarantees, checked with the grammar lmdeploy builds (xgrammar): a finished reply
+    is a whole document, one cut at max_tokens (a random model's newlines, as measured on the GPU) the beginning of
+    one; anything else, and the lab's check on a table of replies, fails."""
+    import pandas as pd
+
+    follows = structured.follows_grammar
+    assert follows('{"name": "Ada Lovelace", "age": 27}') == "complete"
+    assert follows('{"name": \n \n \n \n\n\n') == follows('{"name": \n  "b of tea. Ask me", "age"') == "prefix"
+    for bad in ('{"name": 27', '{"name": "Ada", "age": "27"}', '{"name": "Ada", "age": 27, "x": 1}', "27 + 27 = 23.",
+                '{"name": "Ada", "age": 1234}'):
+        assert follows(bad) is None, bad
+
+    def table(*replies):  # (constrained, reply, finish) as trials() records them
+        rows = []
+        for constrained, reply, finish in replies:
+            try:
+                structured.validate(reply, structured.PERSON)
+                valid = True
+            except structured.StructuredOutputError:
+                valid = False
+            rows.append({"constrained": constrained, "reply": reply, "finish": finish, "valid": valid,
+                         "grammar": follows(reply)})
+        return pd.DataFrame(rows)
+
+    cut = (True, '{"name": \n \n \n', "length")
+    whole = (True, '{"name": "Ada", "age": 27}', "stop")
+    free = (False, "27 + 27 = 23.", "stop")
+    assert structured.holds(structured.summary(table(cut, cut, whole, free)))
+    assert structured.holds(structured.summary(table(cut, cut, free)))  # nothing finished: still what it guarantees
+    broken = structured.summary(table(cut, whole, (True, "27 + 27 = 23.", "stop")))  # a reply the grammar forbids
+    assert not structured.holds(broken) and broken["constrained following the grammar"] == 2
+    assert not structured.holds(structured.summary(table(free)))  # no constrained reply at all
+
+
 def test_lmdeploy_accepts_the_response_format():
     """lmdeploy's own check (xgrammar compiles it) takes the lab's schema and refuses a broken one."""
     from lmdeploy._guided_decoding import ensure_response_format_compilable
