@@ -12,10 +12,10 @@ from labkit.errors import InputError
 
 # The form the lab fills: a name and an age, nothing else. The bounds keep a random-weight model's reply
 # short and plain: a name of 1-24 letters (no control characters) and an age of at most 3 digits. The
-# grammar lmdeploy builds still allows any whitespace between the JSON tokens, so a random model can
-# ramble in whitespace until max_tokens (on 2026-12-01 the random tiny-chat finished 0 of 8 replies within 768
-# tokens on either engine, where TurboMind had finished 7 of 8 within 160 before): a reply cut there is
-# checked as what the grammar guarantees, the beginning of a document that fits (`follows_grammar`).
+# grammar lmdeploy builds still allows any whitespace between the JSON tokens, so a model that never saw JSON
+# can ramble in whitespace until max_tokens (on 2026-12-01 labkit's trained tiny-chat finished 0 of 8 replies
+# within 768 tokens on either engine): a reply cut there is checked as what the grammar guarantees, the
+# beginning of a document that fits (`follows_grammar`).
 PERSON = {
     "type": "object",
     "properties": {"name": {"type": "string", "pattern": "^[A-Za-z][A-Za-z .'-]{0,23}$"},

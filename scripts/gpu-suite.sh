@@ -145,7 +145,7 @@ for nn in 02 03; do
   export "$var=${!var:-trained:tiny-chat}"
 done
 echo "backend: $backend | labs 01-04 on $LABKIT_MODEL_01, $LABKIT_MODEL_02, $LABKIT_MODEL_03, $LABKIT_MODEL_04" \
-  "| other labs on ${LABKIT_MODEL:-generated:tiny-chat}"
+  "| other labs on ${LABKIT_MODEL:-trained:tiny-chat (conftest.py)}"
 $PY -m labkit.cli doctor --offline
 if [ "$bench" = 1 ]; then
   engines="turbomind pytorch"

@@ -241,6 +241,23 @@ def test_forged_records_that_contradict_are_flagged():
     assert forged("04_kv_cache.ipynb", "kv-cache-prediction", lambda v: v.update(note="x")) == []
 
 
+def test_more_gpu_memory_after_awq_contradicts_only_a_model_whose_weights_shrank():
+    """A 1.5 MiB model on the PyTorch engine really needs more GPU memory after AWQ (the kernels' buffers, measured);
+    a 3 GB model whose weights shrank to 1.1 GB cannot."""
+    from labkit.crosscheck import contradictions
+
+    def run(disk_before, disk_after, gpu_before, gpu_after):
+        records = [{"kind": "record", "step": "awq", "values": {"sizes": [{"MiB on disk": disk_before},
+                                                                          {"MiB on disk": disk_after}]}},
+                   {"kind": "record", "step": "awq-gpu", "values": {"table": [
+                       {"weights + runtime GiB": gpu_before}, {"weights + runtime GiB": gpu_after}]}}]
+        return [f.text for f in contradictions(records, {})]
+
+    assert run(1.533, 0.635, 0.283, 0.41) == []  # the GPU suite's lab 03 on the PyTorch engine, 2026-12-01
+    assert any("needs more GPU memory" in t for t in run(2950, 1100, 3.54, 3.9))
+    assert run(2950, 1100, 3.54, 1.54) == []
+
+
 # ----------------------------------------------------------------------------- labkit submit
 
 def test_submit_cli(tmp_path):
