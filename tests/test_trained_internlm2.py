@@ -43,6 +43,10 @@ def test_shipped_weights_match_the_recipe_and_the_course_models_structure(model_
     cfg = json.loads((model_dir / "config.json").read_text())
     assert cfg["architectures"] == ["InternLM2ForCausalLM"] and "AutoModelForCausalLM" in cfg["auto_map"]
     assert tools.parser_for(model_dir) == "internlm"
+    from labkit import config
+
+    for code in ("configuration_internlm2.py", "modeling_internlm2.py"):  # a model folder carries its remote code:
+        assert (model_dir / code).read_bytes() == config.data_file(code).read_bytes(), code  # labkit's, verbatim
     from safetensors import safe_open
 
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
