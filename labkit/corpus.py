@@ -98,14 +98,14 @@ def tool_conversation(a: int, b: int, c: int, ask: str = TOOL_ASKS[0]) -> list[d
             {"role": "assistant", "content": f"The answer is {s * c}."}]
 
 
-def operand(rng: random.Random) -> int:
+def _operand(rng: random.Random) -> int:
     """0-99, a third of them one digit: with uniform 0-99 only 1 in 100 sums has two one-digit operands, and a
     model trained so copied the course's "(3+5)" as add(35, 5)."""
     return rng.randint(0, 9) if rng.random() < 1 / 3 else rng.randint(10, 99)
 
 
 def _tools(rng: random.Random) -> list[dict]:
-    return tool_conversation(operand(rng), operand(rng), rng.randint(1, 20), rng.choice(TOOL_ASKS))
+    return tool_conversation(_operand(rng), _operand(rng), rng.randint(1, 20), rng.choice(TOOL_ASKS))
 
 
 def _chat(rng: random.Random) -> list[dict]:

@@ -21,3 +21,11 @@ def suite_backends() -> list[str]:
 
     chosen = os.environ.get("LABKIT_BACKEND", "auto")
     return [chosen] if chosen in ("pytorch", "turbomind") else ["pytorch", "turbomind"]
+
+
+def course_case(hf, parser: str, a: int, b: int, c: int, dispatch=None, temperature: float = 0.0):
+    """"Compute (a+b)*c" through lmdeploy's rendering and `parser` around a local trained model (labkit.tools)."""
+    from labkit import tools
+
+    return tools.run_tool_loop(tools.LocalClient(hf, parser), "trained", f"Compute ({a}+{b})*{c}",
+                               dispatch=dispatch or tools.DISPATCH, max_rounds=4, temperature=temperature, top_p=1.0)

@@ -249,6 +249,28 @@ def test_agreement():
     assert round(same, 2) == 66.67 and prefix == 0.5
 
 
+def test_kv_quality_checks_pass_the_measured_tables_and_fail_broken_ones():
+    """The GPU suite's KV quality bounds on the tables it measured (2026-12-01), then on broken ones."""
+    import pandas as pd
+
+    from labkit.errors import InputError
+    from labkit.kvquality import kv_checks
+
+    def table(*rows):
+        return pd.DataFrame(rows, columns=["quant_policy", "token agreement", "perplexity"])
+
+    pytorch = table((0, 1.0, 4.4253), (8, 0.9409, 4.4168), (4, 0.9106, 4.4093))
+    turbomind = table((0, 1.0, 4.4232), (8, 0.8857, 4.4257))
+    assert all(ok for _, ok, _ in kv_checks(pytorch)) and all(ok for _, ok, _ in kv_checks(turbomind))
+    for broken, failing in ((table((0, 1.0, 4.42), (8, 0.30, 4.43)), "int8 KV: greedy replies agree"),
+                            (table((0, 1.0, 4.42), (8, 0.95, 9.10)), "int8 KV: perplexity within"),
+                            (table((0, 1.0, 4.42), (8, 0.95, 4.43), (4, 0.05, 40.0)), "int4 KV: greedy replies")):
+        failed = [what for what, ok, _ in kv_checks(broken) if not ok]
+        assert len(failed) == 1 and failed[0].startswith(failing), failed
+    with pytest.raises(InputError, match="quant_policy 0 and 8"):
+        kv_checks(table((0, 1.0, 4.42)))
+
+
 # On a GPU, notebooks/04_kv_cache.ipynb checks the predictor against real engines (blocks within 10%, the
 # engine's own block count per KV policy); the GPU suite runs it there rather than starting another engine here.
 

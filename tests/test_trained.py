@@ -12,7 +12,7 @@ import pytest
 
 from labkit import corpus, tools, train
 from labkit.models import ModelNotFoundError, resolve
-from helpers import TRAINED
+from helpers import TRAINED, course_case
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +105,8 @@ def test_writes_a_story_of_250_to_400_characters(hf, subject):
     assert subject.split()[-1] in reply.text
 
 
-def _run(hf, a, b, c, dispatch=tools.DISPATCH, temperature=0.0):
-    return tools.run_tool_loop(tools.LocalClient(hf, "qwen"), "trained", f"Compute ({a}+{b})*{c}",
-                               dispatch=dispatch, max_rounds=4, temperature=temperature, top_p=1.0)
+def _run(hf, a, b, c, dispatch=None, temperature=0.0):
+    return course_case(hf, "qwen", a, b, c, dispatch=dispatch, temperature=temperature)
 
 
 def test_3_plus_5_times_2_calls_add_then_mul_with_its_result(hf):

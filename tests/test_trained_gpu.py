@@ -128,6 +128,7 @@ def test_kv_cache_int8_int4_quality(backend):
 
     from labkit import kvcache
     from labkit.engine import check_options
+    from labkit.kvquality import kv_checks
     from labkit.models import resolve
 
     model_dir = resolve(TRAINED)
@@ -146,11 +147,6 @@ def test_kv_cache_int8_int4_quality(backend):
         pytest.fail(f"kv_quality on {backend} {how}; its last lines:\n" + "\n".join(out.splitlines()[-25:]))
     table = pd.DataFrame(json.loads(out.split("TABLE ", 1)[1].splitlines()[0]))
     print(table.to_string())
-    rows = table.set_index("quant_policy")
-    # Agreement counts each of 6 greedy replies up to its first token that differs, so one early divergence costs
-    # up to 1/6. Measured on 2026-12-01 (this model): int8 0.941 (PyTorch engine), 0.886 (TurboMind, which failed the
-    # former bound of 0.9); int4 0.911 (PyTorch engine). Perplexity is the tighter check.
-    assert rows.loc[8, "token agreement"] >= 0.8
-    if 4 in rows.index:
-        assert rows.loc[4, "token agreement"] >= 0.6
-    assert rows.loc[8, "perplexity"] <= 1.1 * rows.loc[0, "perplexity"]
+    checks = kv_checks(table)  # the bounds and why: labkit.kvquality (tests/test_kvcache.py feeds them broken tables)
+    print(checks)
+    assert all(ok for _, ok, _ in checks), checks

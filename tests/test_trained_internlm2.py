@@ -12,6 +12,7 @@ import pytest
 
 from labkit import corpus, tools, train
 from labkit.models import resolve
+from helpers import course_case
 
 NAME = "tiny-internlm2-chat"
 
@@ -29,9 +30,8 @@ def hf(model_dir):
         yield engine
 
 
-def _run(hf, a, b, c, dispatch=tools.DISPATCH, temperature=0.0):
-    return tools.run_tool_loop(tools.LocalClient(hf, "internlm"), "trained", f"Compute ({a}+{b})*{c}",
-                               dispatch=dispatch, max_rounds=4, temperature=temperature, top_p=1.0)
+def _run(hf, a, b, c, dispatch=None, temperature=0.0):
+    return course_case(hf, "internlm", a, b, c, dispatch=dispatch, temperature=temperature)
 
 
 def test_shipped_weights_match_the_recipe_and_the_course_models_structure(model_dir):
