@@ -53,7 +53,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "tiny-internlm2-chat": Recipe(arch="internlm2", about="InternLM2.5's structure (remote code, packed wqkv) "
-                                  "and tool format (--tool-call-parser internlm), 3 layers, 0.77M parameters, "
+                                  "and tool format (--tool-call-parser internlm), 3 layers, 0.90M parameters, "
                                   "trained like tiny-chat"),
     "tiny-chat": Recipe(more_steps=500, about="Qwen2 shape, 3 layers, 0.77M parameters, trained here on generated chat, "
                               "stories, sums and add/mul tool use; says it is not InternLM2.5"),
@@ -91,10 +91,11 @@ def arch_of(model_dir: str | Path) -> str:
 
 @functools.lru_cache(maxsize=8)
 def recipe_hash(recipe: Recipe) -> str:
-    """A short hash of the recipe, the corpus version, the chat template and the training text itself."""
+    """A short hash of the recipe (less its description), the corpus version, the chat template and the training text."""
     from labkit import corpus
 
-    h = hashlib.sha256(json.dumps({"recipe": asdict(recipe), "corpus": corpus.CORPUS_VERSION,
+    what = {k: v for k, v in asdict(recipe).items() if k != "about"}  # the description does not change the weights
+    h = hashlib.sha256(json.dumps({"recipe": what, "corpus": corpus.CORPUS_VERSION,
                                    "format": FORMAT_VERSION, "template": chat_format(recipe.arch)[0]},
                                   sort_keys=True).encode())
     for text in render(corpus.conversations(recipe.conversations, recipe.seed), arch=recipe.arch):

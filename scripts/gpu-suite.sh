@@ -13,8 +13,8 @@
 # which labkit's backend 'auto' honours); without it, 'auto' picks TurboMind wherever it can run, as
 # for students. TurboMind's CUDA 12 libraries come from `make turbomind-chunks` (.turbomind/): carry
 # them to /tmp/labkit-tm (see DEVELOPERS.md) and this script installs them. Labs 01-04, whose course
-# model is InternLM2.5, run on generated:tiny-internlm2 (built like it) unless LABKIT_MODEL_01 ..
-# LABKIT_MODEL_04 say otherwise (e.g. LABKIT_MODEL_04=generated:tiny-chat).
+# model is InternLM2.5, run on models built like it (01, 04: generated:tiny-internlm2; 02, 03: trained:tiny-internlm2-chat)
+# unless LABKIT_MODEL_01 .. LABKIT_MODEL_04 say otherwise (e.g. LABKIT_MODEL_04=generated:tiny-chat).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 backend=auto
@@ -132,17 +132,18 @@ if missing:
 PY
 fi
 [ "$backend" != auto ] && export LABKIT_BACKEND=$backend
-# Labs 01 and 04, whose course model is InternLM2.5, on the model built like it (remote code, packed wqkv, its
-# chat template) on both engines; labs 02 and 03 on the trained model, whose tool calls and AWQ quality checks
-# mean something (the GPU run of 2026-12-01 showed the random InternLM2-shaped model failing them, as a random
-# model must: 56.9% AWQ agreement, no final answer after the forced calls). LABKIT_MODEL_NN=... overrides one.
+# Every lab whose course model is InternLM2.5 (01-04) on a model built like it (remote code, packed wqkv, its chat
+# template and tool format) on both engines: 01 and 04 on the generated one, 02 and 03 on the one trained in that
+# format, whose tool calls and AWQ quality checks mean something (the GPU run of 2026-12-01 showed the random
+# InternLM2-shaped model failing them, as a random model must: 56.9% AWQ agreement, no final answer after the
+# forced calls). LABKIT_MODEL_NN=... overrides one (LABKIT_MODEL_02=trained:tiny-chat: the Qwen2/ChatML one).
 for nn in 01 04; do
   var=LABKIT_MODEL_$nn
   export "$var=${!var:-generated:tiny-internlm2}"
 done
 for nn in 02 03; do
   var=LABKIT_MODEL_$nn
-  export "$var=${!var:-trained:tiny-chat}"
+  export "$var=${!var:-trained:tiny-internlm2-chat}"
 done
 echo "backend: $backend | labs 01-04 on $LABKIT_MODEL_01, $LABKIT_MODEL_02, $LABKIT_MODEL_03, $LABKIT_MODEL_04" \
   "| other labs on ${LABKIT_MODEL:-trained:tiny-chat (conftest.py)}"
