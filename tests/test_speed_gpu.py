@@ -40,3 +40,4 @@ def test_overhead_check_passes_and_fails_a_slowed_path():
                               slowdown_s=0.1 * cost["raw lmdeploy s"])  # a wrapper 10% slower
         print("slowed:", bench.overhead_check(slow))
         assert not bench.overhead_check(slow)[1]
+        assert slow["overhead %"] > bench.OVERHEAD_TOLERANCE_PCT  # it fails for being slow, not for noise
