@@ -146,10 +146,11 @@ def test_a_server_that_is_down_is_said_in_the_ui():
 
 @pytest.mark.gpu
 def test_demo_over_lmdeploy_api_server(tiny_dir):
-    """The course's path: `lmdeploy serve api_server`, then the demo in front of it."""
+    """The course's path: `lmdeploy serve api_server` (on the engine auto picks, TurboMind where it runs), then the
+    demo in front of it."""
     from labkit.serve import Server
 
-    with Server(tiny_dir, name="demo-test", backend="pytorch", cache_ratio=0.05) as srv:
+    with Server(tiny_dir, name="demo-test", cache_ratio=0.05) as srv:
         proc, url = _start_demo(srv.openai_url)
         try:
             box, chat = _send(url, "Hello! Tell me a story.")
