@@ -44,13 +44,14 @@ PART1_TESTS=(tests/test_internlm2.py tests/test_deadline.py tests/test_backends.
 # the `--backend pytorch` suite and are left out of `--backend turbomind`, which would run them identically again.
 NOTEBOOKS=(notebooks/0*.ipynb)
 LEFT_OUT=()
-# Test files whose GPU tests pick their engines themselves (each runs both, or PyTorch by design, or none) or test
-# something above the engine (test_demo: the demo app over a server of either engine): the same whatever the backend,
-# so they run in `--backend turbomind` (and auto) and `--backend pytorch` leaves them out.
-ONCE=(tests/test_vision_engines.py tests/test_chat_cli.py tests/test_demo.py tests/test_grading.py tests/test_lab01.py)
+# Test files whose GPU tests pick their engines themselves (PyTorch by design, or none) or test something above the
+# engine (test_demo: the demo app over a server of either engine): the same whatever the backend, so they run in
+# `--backend turbomind` (and auto) and `--backend pytorch` leaves them out. (test_chat_cli and test_vision_engines
+# run the suite's engine's case in each suite, both cases when run by hand.)
+ONCE=(tests/test_demo.py tests/test_grading.py tests/test_lab01.py)
 if [ "$backend" = pytorch ]; then
   LEFT_OUT=("${ONCE[@]/#/--ignore=}")
-  echo "--backend pytorch: ${ONCE[*]} choose their engines themselves (the same on any backend); they run in" \
+  echo "--backend pytorch: ${ONCE[*]} choose their engines themselves or sit above them (the same on any backend); they run in" \
     "--backend turbomind"
 fi
 if [ "$backend" = turbomind ]; then

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from labkit import models, vision
-from helpers import one_line
+from helpers import one_line, suite_backends
 
 QUESTION = "What is in this picture?"
 
@@ -53,7 +53,7 @@ def test_choose_backend_falls_back_or_refuses_before_loading(tiny_vl, tmp_path, 
 
     backend, why = choose_backend(tiny_vl, "auto")
     if backend != "turbomind":
-        pytest.skip(f"TurboMind cannot run on this machine at all ({why}): nothing to fall back from")
+        pytest.skip(f"auto is not TurboMind here ({why}): nothing to fall back from")
     old = _with_vision(tiny_vl, tmp_path / "heads16", hidden_size=64, num_attention_heads=4)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (tiny_vl / name).is_file():
@@ -155,7 +155,7 @@ def test_memory_table_and_load_or_none(tiny_vl, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["turbomind", "pytorch"])
+@pytest.mark.parametrize("backend", suite_backends())  # the suite's engine (each suite runs its own), else both
 def test_tiny_vl_sees_an_image_and_refuses_the_4k_one_on_each_engine(tiny_vl, backend):
     """Lab 05's path on each engine: an answer within the deadline, the image costs exactly as predicted,
     and the 4K picture refused as an over-long prompt (TurboMind ran its own InternViT here: head_dim 64)."""
