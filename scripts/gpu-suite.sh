@@ -34,11 +34,14 @@ done
 set -- ${pass[@]+"${pass[@]}"}
 # By default every notebook and every test marked `gpu`; CPU-only unit tests run in CI (make test).
 # `--part 1` .. `--part 5` split it in pieces of under 10 minutes each on the PyTorch engine (for a runner that
-# allows 10 minutes a command): 1 = notebooks 00-03 and the engines' and InternLM2-shaped model's gpu tests,
+# allows 10 minutes a command): 1 = notebooks 00-03 and the engines' and InternLM2-shaped model's gpu tests (with
+# `lmdeploy chat` and the vision model on the engine: the files' times of 2026-12-01 add up to about 470 s on the
+# PyTorch engine),
 # 2 = notebooks 04-06 and the other gpu tests, 3 = lab 07 and its gpu test, 4 = the fault suite's GPU cases
 # (docs/reliability.md), 5 = the trained model's numbers (tool calls, story, AWQ and KV quality) and lab 01's
 # speed claims; or name test files / notebooks (and pytest options) yourself.
-PART1_TESTS=(tests/test_internlm2.py tests/test_deadline.py tests/test_backends.py)
+PART1_TESTS=(tests/test_internlm2.py tests/test_deadline.py tests/test_backends.py tests/test_chat_cli.py
+  tests/test_vision_engines.py)
 # Lab 04 and the playground's GPU test run on the PyTorch engine whatever the backend (lab 04 teaches the
 # policies only that engine has, 16 and 42, and reads its KV blocks, which TurboMind keeps in C++): they run in
 # the `--backend pytorch` suite and are left out of `--backend turbomind`, which would run them identically again.
