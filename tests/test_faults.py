@@ -532,6 +532,17 @@ def test_gpu_too_full():
         torch.cuda.empty_cache()
 
 
+@pytest.mark.gpu
+def test_gpu_engine_that_fails_lmdeploys_environment_check():
+    """lmdeploy's PyTorch engine checks its options in a child process and calls exit(1) on a failure (here its own
+    check of max_batch_size, which labkit passes through): one EngineError line, not a SystemExit that would end the
+    kernel, and nothing left. The other side of fault 8b (a Ctrl-C that the same check turns into exit(1))."""
+    init_cuda_context()  # this process's CUDA context never goes back: not the engine's to return
+    _refused("lmdeploy's environment check fails (GPU)",
+             lambda: engine.Engine(TINY, backend="pytorch", name="fault-envcheck", cache_ratio=0.05, max_batch_size=0),
+             engine.EngineError, 90.0, "failed lmdeploy's environment check")
+
+
 def test_small_input_mistakes():
     _refused("engine_config('foo')", lambda: engine.engine_config("foo"), engine.EngineError, 1.0,
              "needs backend 'turbomind' or 'pytorch'")

@@ -258,6 +258,26 @@ def test_more_gpu_memory_after_awq_contradicts_only_a_model_whose_weights_shrank
     assert run(2950, 1100, 3.54, 1.54) == []
 
 
+def test_the_gpu_suites_tools_item_credits_16_by_the_model_alone_and_nothing_less():
+    """rubric-gpu-suite.toml's function-calling item on lab 02's record as the GPU run of 2026-12-01 wrote it
+    (trained:tiny-internlm2-chat: add, mul, 16, no forcing), then with each thing wrong."""
+    items = {i.id: i for i in rubric.load(REPO / "grading" / "rubric-gpu-suite.toml").items}
+    tools_item = items["tools"]
+    good = {"result": 16, "forced": False, "answer": "The answer is 16.",
+            "transcript": [{"who": "user", "what": "asks"}, {"who": "assistant", "what": "calls add"},
+                           {"who": "tool", "what": "add returns"}, {"who": "assistant", "what": "calls mul"},
+                           {"who": "tool", "what": "mul returns"}, {"who": "assistant", "what": "answers"}]}
+
+    def failed(values):
+        return [text for ok, text in (c.evaluate(values) for c in tools_item.conditions) if not ok]
+
+    assert failed(good) == []
+    for wrong, says in (({"result": 21}, "result = 21"), ({"forced": True}, "forced"), ({"answer": ""}, "answer"),
+                        ({"transcript": good["transcript"][:3]}, "transcript")):
+        got = failed({**good, **wrong})
+        assert len(got) == 1 and got[0].startswith(says), (wrong, got)
+
+
 # ----------------------------------------------------------------------------- labkit submit
 
 def test_submit_cli(tmp_path):
