@@ -282,17 +282,20 @@ def roofline(model_dir: str | Path, tables=(), gpu: int = 0):
 OVERHEAD_TOLERANCE_PCT = 3.0  # lab 01: labkit's whole call path may cost at most this much over raw lmdeploy
 
 
-def overhead(model: Any, batch: int = 8, new_tokens: int = 64, pairs: int = 21, slowdown_s: float = 0.0,
-             min_sample_s: float = 0.3) -> dict:
-    """labkit's whole path (Engine.generate: checks, gen_config, pipe) vs the raw lmdeploy pipeline call on the
-    same engine, alternating: overhead in % (median of paired ratios). Each sample runs the call enough times to
-    last `min_sample_s` (a 22 ms TurboMind call alone was +/-13% noise). `slowdown_s` adds a sleep to each of
-    labkit's calls, to show the check failing."""
+def overhead(model: Any, batch: int = 8, new_tokens: int = 64, seconds: float = 15.0, slowdown_s: float = 0.0,
+             min_pairs: int = 20) -> dict:
+    """labkit's whole path (Engine.generate: checks, gen_config, the deadline thread, pipe) vs the raw lmdeploy
+    pipeline call on the same engine: overhead in % (median of paired ratios), with its noise bound. The two calls
+    alternate one by one (labkit then raw, then raw then labkit), so that drift over seconds (clocks, the engine's
+    own threads) cancels inside each pair; pairs are added until the bound is under half the tolerance or
+    `seconds` have passed. `slowdown_s` adds a sleep to each of labkit's calls, to show the check failing."""
+    import gc
+
     from labkit.engine import Engine, gen_config
 
     check_gen(max_new_tokens=new_tokens)
-    if pairs < 3:
-        raise BenchError("overhead needs pairs >= 3 so that a median means something")
+    if not (seconds > 0 and min_pairs >= 3):
+        raise BenchError("overhead needs seconds > 0 and min_pairs >= 3 so that a median means something")
     own = not isinstance(model, Engine)
     eng = Engine(model, name="overhead") if own else model
     try:
@@ -309,24 +312,36 @@ def overhead(model: Any, batch: int = 8, new_tokens: int = 64, pairs: int = 21, 
             return eng.pipe(prompts, gen_config=GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True,
                                                                  do_sample=False))
 
-        def timed(fn, calls: int = 1) -> float:  # seconds per call, over `calls` calls in a row
+        def timed(fn) -> float:
             start = time.perf_counter()
-            replies = [r for _ in range(calls) for r in fn()]
-            seconds = (time.perf_counter() - start) / calls
+            replies = fn()
+            took = time.perf_counter() - start
             if any(r.generate_token_len != new_tokens for r in replies):
                 raise BenchError("a reply came back short: the two paths did not do the same work")
-            return seconds
+            return took
 
-        for _ in range(2):
+        for _ in range(3):  # warm-up: CUDA graphs, allocator, the deadline thread
             timed(via_labkit), timed(via_raw)
-        calls = max(1, math.ceil(min_sample_s / min(timed(via_raw) for _ in range(3))))
-        ours, raw = [], []
-        for i in range(pairs):  # alternate the order so drift cancels
-            if i % 2 == 0:
-                ours.append(timed(via_labkit, calls)), raw.append(timed(via_raw, calls))
-            else:
-                raw.append(timed(via_raw, calls)), ours.append(timed(via_labkit, calls))
-        ratios = [a / b for a, b in zip(ours, raw)]
+        ours, raw, ratios, bound = [], [], [], math.inf
+        gc.collect()
+        gc.disable()  # as timeit does: a collection inside one call of a pair is noise, not labkit
+        deadline_at = time.perf_counter() + seconds
+        try:
+            while True:
+                if len(ratios) % 2 == 0:
+                    a = timed(via_labkit); b = timed(via_raw)
+                else:
+                    b = timed(via_raw); a = timed(via_labkit)
+                ours.append(a), raw.append(b), ratios.append(a / b)
+                if len(ratios) >= min_pairs:
+                    q1, _, q3 = statistics.quantiles(ratios, n=4)
+                    # Two standard errors of a median of n ratios (sigma ~ IQR / 1.349, SE ~ 1.2533 sigma / sqrt(n)):
+                    # a paired difference inside this bound is run-to-run noise, not labkit.
+                    bound = 2 * 1.2533 * (q3 - q1) / 1.349 / len(ratios) ** 0.5 * 100
+                    if bound < OVERHEAD_TOLERANCE_PCT / 2 or time.perf_counter() > deadline_at:
+                        break
+        finally:
+            gc.enable()
         q1, ratio, q3 = statistics.quantiles(ratios, n=4)
         loops = 2000  # what labkit adds per call, timed on its own: no GPU noise in it
         from labkit import deadline
@@ -338,15 +353,12 @@ def overhead(model: Any, batch: int = 8, new_tokens: int = 64, pairs: int = 21, 
             deadline.call(lambda: None, None, "overhead", "")  # the worker thread that bounds each call
         wrapper = (time.perf_counter() - start) / loops
         raw_median = statistics.median(raw)
-        # Two standard errors of a median of `pairs` ratios (sigma ~ IQR / 1.349, SE ~ 1.2533 sigma / sqrt(n)):
-        # a paired difference inside this bound is run-to-run noise, not labkit.
-        noise_bound = 2 * 1.2533 * (q3 - q1) / 1.349 / len(ratios) ** 0.5 * 100
-        return {"engine": label(eng), "batch": batch, "new tokens": new_tokens, "pairs": pairs,
-                "calls per sample": calls,
+        return {"engine": label(eng), "batch": batch, "new tokens": new_tokens, "pairs": len(ratios),
+                "seconds": round(sum(ours) + sum(raw), 1),
                 "labkit s": statistics.median(ours), "raw lmdeploy s": raw_median,
                 "overhead %": (ratio - 1) * 100, "noise % (IQR of pairs)": (q3 - q1) * 100,
                 "labkit work per call µs": wrapper * 1e6,
-                "labkit work %": wrapper / raw_median * 100, "noise bound %": noise_bound}
+                "labkit work %": wrapper / raw_median * 100, "noise bound %": bound}
     finally:
         if own:
             eng.close()
@@ -355,11 +367,11 @@ def overhead(model: Any, batch: int = 8, new_tokens: int = 64, pairs: int = 21, 
 def overhead_check(cost: dict, tolerance_pct: float = OVERHEAD_TOLERANCE_PCT) -> tuple[str, bool, str]:
     """Lab 01's check on `overhead()`: labkit's whole path within a fixed tolerance of raw lmdeploy, measured
     precisely enough to say so (run-to-run noise under the tolerance)."""
-    detail = (f"paired median {cost['overhead %']:+.2f}% over {cost['pairs']} pairs of "
-              f"{cost.get('calls per sample', 1)} calls (run-to-run noise +/-{cost['noise bound %']:.1f}%); "
+    detail = (f"paired median {cost['overhead %']:+.2f}% over {cost['pairs']} pairs of calls "
+              f"(run-to-run noise +/-{cost['noise bound %']:.1f}%); "
               f"labkit's own work {cost['labkit work per call µs']:.0f} µs a call")
     if cost["noise bound %"] >= tolerance_pct:
         detail += (f"; the noise is as large as the {tolerance_pct:g}% allowed, so this run cannot tell: is another "
-                   f"process using the GPU? run the cell again, or with more OVERHEAD_PAIRS")
+                   f"process using the GPU? run the cell again, or with more OVERHEAD_SECONDS")
     return (f"labkit's whole call path costs less than {tolerance_pct:g}% over raw lmdeploy",
             cost["overhead %"] < tolerance_pct and cost["noise bound %"] < tolerance_pct, detail)

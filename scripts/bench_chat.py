@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                   + "; ".join(f"{r['engine']} reaches {r['fraction of roofline']:.1%}" for _, r in roof.iterrows())
                   + ".", ""]
     if over is not None:
-        lines += [f"labkit overhead over the raw lmdeploy pipeline call (same engine, {over['pairs']} paired runs, "
-                  f"batch {over['batch']}): {over['overhead %']:+.2f} % (median; run-to-run noise, IQR of the pairs: "
-                  f"{over['noise % (IQR of pairs)']:.2f} %), of which labkit's own work "
+        lines += [f"labkit overhead over the raw lmdeploy pipeline call (same engine, {over['pairs']} pairs of calls, "
+                  f"batch {over['batch']}): {over['overhead %']:+.2f} % (median; noise bound +/-"
+                  f"{over['noise bound %']:.2f} %, IQR of the pairs {over['noise % (IQR of pairs)']:.2f} %), of which "
+                  f"labkit's own work "
                   f"{over['labkit work per call µs']:.0f} µs per call = {over['labkit work %']:.3f} %.", ""]
     lines += ["Command:", "", "```bash", command, "```", ""]
     benchdoc.report("\n".join(lines), args.out)
