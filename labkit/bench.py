@@ -15,7 +15,7 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from labkit.engine import check_gen
 from labkit.errors import EngineError, LabkitError
@@ -282,20 +282,57 @@ def roofline(model_dir: str | Path, tables=(), gpu: int = 0):
 OVERHEAD_TOLERANCE_PCT = 3.0  # lab 01: labkit's whole call path may cost at most this much over raw lmdeploy
 
 
-def overhead(model: Any, batch: int = 8, new_tokens: int = 64, seconds: float = 15.0, slowdown_s: float = 0.0,
-             min_pairs: int = 20) -> dict:
-    """labkit's whole path (Engine.generate: checks, gen_config, the deadline thread, pipe) vs the raw lmdeploy
-    pipeline call on the same engine: overhead in % (median of paired ratios), with its noise bound. The two calls
-    alternate one by one (labkit then raw, then raw then labkit), so that drift over seconds (clocks, the engine's
-    own threads) cancels inside each pair; pairs are added until the bound is under half the tolerance or
-    `seconds` have passed. `slowdown_s` adds a sleep to each of labkit's calls, to show the check failing."""
+def _check_pairs(seconds: float, min_pairs: int) -> None:
+    if not (seconds > 0 and min_pairs >= 3):
+        raise BenchError("overhead needs seconds > 0 and min_pairs >= 3 so that a median means something")
+
+
+def paired(ours: Callable[[], float], raw: Callable[[], float], seconds: float = 30.0,
+           min_pairs: int = 20) -> dict:
+    """Time two calls (each returns its own seconds) back to back, in alternating order, until two standard
+    errors of the median paired ratio are under half of OVERHEAD_TOLERANCE_PCT, the median is over it beyond
+    that bound, or `seconds` have passed: the statistics `overhead` reports."""
     import gc
 
+    _check_pairs(seconds, min_pairs)
+    a_s, b_s, ratios, bound = [], [], [], math.inf
+    gc.collect()
+    gc.disable()  # as timeit does: a collection inside one call of a pair is noise, not the code timed
+    deadline_at = time.perf_counter() + seconds
+    try:
+        while True:
+            if len(ratios) % 2 == 0:
+                a = ours(); b = raw()
+            else:
+                b = raw(); a = ours()
+            a_s.append(a), b_s.append(b), ratios.append(a / b)
+            if len(ratios) >= min_pairs:
+                q1, mid, q3 = statistics.quantiles(ratios, n=4)
+                # Two standard errors of a median of n ratios (sigma ~ IQR / 1.349, SE ~ 1.2533 sigma / sqrt(n)):
+                # a paired difference inside this bound is run-to-run noise, not the code timed.
+                bound = 2 * 1.2533 * (q3 - q1) / 1.349 / len(ratios) ** 0.5 * 100
+                precise = bound < OVERHEAD_TOLERANCE_PCT / 2
+                too_slow = (mid - 1) * 100 - bound > OVERHEAD_TOLERANCE_PCT  # over the tolerance beyond doubt
+                if precise or too_slow or time.perf_counter() > deadline_at:
+                    break
+    finally:
+        gc.enable()
+    q1, mid, q3 = statistics.quantiles(ratios, n=4)
+    return {"pairs": len(ratios), "seconds": round(sum(a_s) + sum(b_s), 1),
+            "labkit s": statistics.median(a_s), "raw lmdeploy s": statistics.median(b_s),
+            "overhead %": (mid - 1) * 100, "noise % (IQR of pairs)": (q3 - q1) * 100, "noise bound %": bound}
+
+
+def overhead(model: Any, batch: int = 8, new_tokens: int = 64, seconds: float = 30.0, slowdown_s: float = 0.0,
+             min_pairs: int = 20) -> dict:
+    """labkit's whole path (Engine.generate: checks, gen_config, the deadline thread, pipe) vs the raw lmdeploy
+    pipeline call on the same engine, paired call by call (`paired`): overhead in % (median of paired ratios)
+    with its noise bound. Pairing one by one cancels drift over seconds (clocks, the engine's own threads).
+    `slowdown_s` adds a sleep to each of labkit's calls, to show the check failing."""
     from labkit.engine import Engine, gen_config
 
     check_gen(max_new_tokens=new_tokens)
-    if not (seconds > 0 and min_pairs >= 3):
-        raise BenchError("overhead needs seconds > 0 and min_pairs >= 3 so that a median means something")
+    _check_pairs(seconds, min_pairs)
     own = not isinstance(model, Engine)
     eng = Engine(model, name="overhead") if own else model
     try:
@@ -312,37 +349,19 @@ def overhead(model: Any, batch: int = 8, new_tokens: int = 64, seconds: float = 
             return eng.pipe(prompts, gen_config=GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True,
                                                                  do_sample=False))
 
-        def timed(fn) -> float:
-            start = time.perf_counter()
-            replies = fn()
-            took = time.perf_counter() - start
-            if any(r.generate_token_len != new_tokens for r in replies):
-                raise BenchError("a reply came back short: the two paths did not do the same work")
-            return took
+        def timed(fn) -> Callable[[], float]:
+            def run() -> float:
+                start = time.perf_counter()
+                replies = fn()
+                took = time.perf_counter() - start
+                if any(r.generate_token_len != new_tokens for r in replies):
+                    raise BenchError("a reply came back short: the two paths did not do the same work")
+                return took
+            return run
 
         for _ in range(3):  # warm-up: CUDA graphs, allocator, the deadline thread
-            timed(via_labkit), timed(via_raw)
-        ours, raw, ratios, bound = [], [], [], math.inf
-        gc.collect()
-        gc.disable()  # as timeit does: a collection inside one call of a pair is noise, not labkit
-        deadline_at = time.perf_counter() + seconds
-        try:
-            while True:
-                if len(ratios) % 2 == 0:
-                    a = timed(via_labkit); b = timed(via_raw)
-                else:
-                    b = timed(via_raw); a = timed(via_labkit)
-                ours.append(a), raw.append(b), ratios.append(a / b)
-                if len(ratios) >= min_pairs:
-                    q1, _, q3 = statistics.quantiles(ratios, n=4)
-                    # Two standard errors of a median of n ratios (sigma ~ IQR / 1.349, SE ~ 1.2533 sigma / sqrt(n)):
-                    # a paired difference inside this bound is run-to-run noise, not labkit.
-                    bound = 2 * 1.2533 * (q3 - q1) / 1.349 / len(ratios) ** 0.5 * 100
-                    if bound < OVERHEAD_TOLERANCE_PCT / 2 or time.perf_counter() > deadline_at:
-                        break
-        finally:
-            gc.enable()
-        q1, ratio, q3 = statistics.quantiles(ratios, n=4)
+            timed(via_labkit)(), timed(via_raw)()
+        stats = paired(timed(via_labkit), timed(via_raw), seconds=seconds, min_pairs=min_pairs)
         loops = 2000  # what labkit adds per call, timed on its own: no GPU noise in it
         from labkit import deadline
 
@@ -352,13 +371,9 @@ def overhead(model: Any, batch: int = 8, new_tokens: int = 64, seconds: float = 
             gen_config(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
             deadline.call(lambda: None, None, "overhead", "")  # the worker thread that bounds each call
         wrapper = (time.perf_counter() - start) / loops
-        raw_median = statistics.median(raw)
-        return {"engine": label(eng), "batch": batch, "new tokens": new_tokens, "pairs": len(ratios),
-                "seconds": round(sum(ours) + sum(raw), 1),
-                "labkit s": statistics.median(ours), "raw lmdeploy s": raw_median,
-                "overhead %": (ratio - 1) * 100, "noise % (IQR of pairs)": (q3 - q1) * 100,
+        return {"engine": label(eng), "batch": batch, "new tokens": new_tokens, **stats,
                 "labkit work per call µs": wrapper * 1e6,
-                "labkit work %": wrapper / raw_median * 100, "noise bound %": bound}
+                "labkit work %": wrapper / stats["raw lmdeploy s"] * 100}
     finally:
         if own:
             eng.close()

@@ -3,9 +3,11 @@ overhead over raw lmdeploy, the benchmark on lmdeploy and a multi-turn session (
 from __future__ import annotations
 
 import json
+import random
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -191,10 +193,41 @@ def test_overhead_check_passes_a_precise_run_and_fails_a_slow_or_noisy_one():
         assert ("cannot tell" in bench.overhead_check(cost)[2]) == (cost["noise bound %"] >= 3), name
 
 
+def _sleeper(seconds: float):
+    def run() -> float:
+        start = time.perf_counter()
+        time.sleep(seconds)
+        return time.perf_counter() - start
+    return run
+
+
+def test_paired_timing_tells_an_equal_call_from_one_10_percent_slower():
+    """The procedure behind lab 01's overhead check, on real timed work (sleeps of 10 and 11 ms): the same call
+    twice passes the check, a call 10% slower fails it on its median (and stops early, beyond doubt)."""
+    same = bench.paired(_sleeper(0.010), _sleeper(0.010), seconds=5)
+    slower = bench.paired(_sleeper(0.011), _sleeper(0.010), seconds=5)
+    for cost in (same, slower):
+        cost["labkit work per call µs"] = 0.0
+    assert bench.overhead_check(same)[1], bench.overhead_check(same)[2]
+    assert not bench.overhead_check(slower)[1]
+    assert slower["overhead %"] > bench.OVERHEAD_TOLERANCE_PCT and slower["pairs"] < 200
+    # calls whose times scatter by +/-50% (sleeps of 5-15 ms), given half a second: the check cannot tell
+    rng = random.Random(0)
+
+    def jitter() -> float:
+        return _sleeper(rng.uniform(0.005, 0.015))()
+    noisy = {**bench.paired(jitter, jitter, seconds=0.5), "labkit work per call µs": 0.0}
+    assert noisy["noise bound %"] > bench.OVERHEAD_TOLERANCE_PCT
+    assert "cannot tell" in bench.overhead_check(noisy)[2] and not bench.overhead_check(noisy)[1]
+
+
 @pytest.mark.parametrize("kwargs", [dict(seconds=0), dict(min_pairs=2), dict(new_tokens=0)])
 def test_overhead_refuses_a_run_too_short_to_mean_anything(kwargs):
     with pytest.raises(LabkitError, match="seconds|min_pairs|new_tokens"):
         bench.overhead("generated:tiny-chat", **kwargs)  # refused before any engine starts
+    if "new_tokens" not in kwargs:
+        with pytest.raises(LabkitError, match="seconds > 0 and min_pairs >= 3"):
+            bench.paired(_sleeper(0.001), _sleeper(0.001), **kwargs)
 
 
 def test_chat_command_uses_real_flags():
