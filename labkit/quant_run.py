@@ -122,6 +122,16 @@ def _done(folder: Path, key: str) -> bool:
     return meta.is_file() and json.loads(meta.read_text()).get("key") == key
 
 
+def _forget_observers() -> None:
+    """Empty lmdeploy's class-level registry of calibration observers (GlobalAvailMixin._instances, keyed by
+    module name): it outlives a run, so a second AWQ in the same kernel on a model with fewer layers looked
+    for the first model's modules (KeyError 'model.layers.2.self_attn.q_proj')."""
+    from lmdeploy.lite.utils.global_avail import GlobalAvailMixin
+
+    GlobalAvailMixin._instances.clear()
+    GlobalAvailMixin._instances["default"] = {}
+
+
 def awq(model: str | Path, work_dir: str | Path | None = None, w_bits: int = 4, w_group_size: int = 128,
         calib_samples: int = 32, calib_seqlen: int = 256, calib_text: str | Path | None = None,
         batch_size: int = 1, search_scale: bool = False, device: str | None = None,
@@ -169,6 +179,7 @@ def awq(model: str | Path, work_dir: str | Path | None = None, w_bits: int = 4, 
     layers = shape["layers"]
     tmp, bar = None, None
     try:  # from the moment the half-written folder exists, Ctrl-C (or any error) removes it
+        _forget_observers()
         tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-awq-", dir=base if not work_dir else out.parent))
         bar = tqdm(total=3 * layers + 1, desc="AWQ load + calibrate", unit="step")
         with open(tmp / LOG, "w") as log, _calibration_loader(source, local, tokenizer, calib_samples,
@@ -200,6 +211,7 @@ def awq(model: str | Path, work_dir: str | Path | None = None, w_bits: int = 4, 
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        _forget_observers()  # their statistics tensors too
         if bar is not None:
             bar.close()
         if device == "cuda":

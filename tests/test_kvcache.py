@@ -159,6 +159,7 @@ def test_block_bytes_match_lmdeploys_cache_plan(which, tiny_dir, bench_shape_dir
                                          quant_policy=QuantPolicy(policy))
         theirs = build_block_cache_plan(mc, cc, 1).logical_block_nbytes  # allocates one block on 'meta'
         assert kvcache.block_bytes(shape, policy) == theirs, (which, policy)
+        assert kvcache.block_bytes(shape, 8 if policy == 0 else 0) != theirs  # a formula of the wrong policy fails
 
 
 CASES = [(GiB, 0.5, 0, 128), (80 * GiB, 0.1, 4, 1024), (80 * GiB, 0.8, 8, 1024), (80 * MiB, 0.05, 0, 128),

@@ -252,6 +252,7 @@ def test_chat_command_uses_real_flags():
     import lmdeploy.cli.chat
 
     assert f"prompt == '{engine.CHAT_EXIT_WORD}'" in inspect.getsource(lmdeploy.cli.chat)  # lmdeploy's own word
+    assert "prompt == 'quit'" not in inspect.getsource(lmdeploy.cli.chat)  # a wrong word would fail the line above
 
 
 # ------------------------------------------- GPU: the lmdeploy engine is exercised by notebooks/01_chat.ipynb

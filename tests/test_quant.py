@@ -208,6 +208,13 @@ def trained_awq(tmp_path_factory):
     return model_dir, out
 
 
+def test_a_second_awq_in_the_same_process_on_a_model_with_fewer_layers(trained_awq, tmp_path):
+    """A student who changes MODEL and runs lab 03's AWQ cell again in the same kernel: the 2-layer tiny-chat after
+    the 3-layer trained model (lmdeploy's observer registry outlived the first run: KeyError, before the fix)."""
+    out = quant.awq(TINY, work_dir=tmp_path / "again", device=None, **SMALL)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+
+
 def test_trained_model_is_calibrated_on_its_own_kind_of_text(trained_awq):
     used = quant.info(trained_awq[1])["calibration"]
     assert used["kind"] == "local" and used["name"].startswith("calib-qwen2-"), used

@@ -756,3 +756,18 @@ def test_log_echo_shows_complete_lines_finished_bars_and_counts_the_rest(tmp_pat
     echo.pump()
     assert shown[-1] == "  | 100%|##########" and echo.skipped == 2  # "half done" and "more": past max_shown
     assert tail_lines(log, 2) == ["half done\n", "more\n"]
+
+
+def test_lab02s_last_check_sees_a_left_lmdeploy_process():
+    """Lab 02's last check ("no lmdeploy server process is alive") on a process left running: a real process whose
+    command line is lmdeploy's (`exec -a lmdeploy`) is found, and is no longer found once it is gone."""
+    left = subprocess.Popen(["bash", "-c", "exec -a lmdeploy sleep 60"])
+    try:
+        deadline = time.monotonic() + 10
+        while not any(p["pid"] == left.pid for p in serve.lmdeploy_processes()) and time.monotonic() < deadline:
+            time.sleep(0.05)  # until bash has exec'd
+        assert any(p["pid"] == left.pid for p in serve.lmdeploy_processes())  # the check would fail here
+    finally:
+        left.kill()
+        left.wait(timeout=10)
+    assert not any(p["pid"] == left.pid for p in serve.lmdeploy_processes())
