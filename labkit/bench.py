@@ -359,9 +359,10 @@ def overhead(model: Any, batch: int = 8, new_tokens: int = 64, seconds: float = 
                 return took
             return run
 
+        ours, raw = timed(via_labkit), timed(via_raw)
         for _ in range(3):  # warm-up: CUDA graphs, allocator, the deadline thread
-            timed(via_labkit)(), timed(via_raw)()
-        stats = paired(timed(via_labkit), timed(via_raw), seconds=seconds, min_pairs=min_pairs)
+            ours(), raw()
+        stats = paired(ours, raw, seconds=seconds, min_pairs=min_pairs)
         loops = 2000  # what labkit adds per call, timed on its own: no GPU noise in it
         from labkit import deadline
 

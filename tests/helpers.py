@@ -23,9 +23,12 @@ def suite_backends() -> list[str]:
     return [chosen] if chosen in ("pytorch", "turbomind") else ["pytorch", "turbomind"]
 
 
-def course_case(hf, parser: str, a: int, b: int, c: int, dispatch=None, temperature: float = 0.0):
-    """"Compute (a+b)*c" through lmdeploy's rendering and `parser` around a local trained model (labkit.tools)."""
+def course_case(hf, parser: str, a: int, b: int, c: int, dispatch=None, temperature: float = 0.0,
+                max_rounds: int = 4, **request):
+    """"Compute (a+b)*c" through lmdeploy's rendering and `parser` around a local model (labkit.tools); `request`:
+    more fields of each request (e.g. max_tokens)."""
     from labkit import tools
 
     return tools.run_tool_loop(tools.LocalClient(hf, parser), "trained", f"Compute ({a}+{b})*{c}",
-                               dispatch=dispatch or tools.DISPATCH, max_rounds=4, temperature=temperature, top_p=1.0)
+                               dispatch=dispatch or tools.DISPATCH, max_rounds=max_rounds, temperature=temperature,
+                               top_p=1.0, **request)

@@ -192,8 +192,7 @@ def test_the_same_checks_fail_a_model_that_learned_nothing():
     with HFEngine("generated:tiny-chat", device="cpu", name="test-untrained") as random_hf:
         hello = random_hf.generate("Hello!", temperature=0.0, max_new_tokens=48)
         story = random_hf.generate("Write a short story about a lighthouse.", temperature=0.0, max_new_tokens=120)
-        run = tools.run_tool_loop(tools.LocalClient(random_hf, "qwen"), "untrained", "Compute (3+5)*2",
-                                  max_rounds=2, temperature=0.0, top_p=1.0, max_tokens=48)
+        run = course_case(random_hf, "qwen", 3, 5, 2, max_rounds=2, max_tokens=48)
     assert hello.finish_reason == "length" and "TinyChat" not in hello.text
     assert story.finish_reason == "length" or not homework.story_length(story.text)[0]
     assert [c["name"] for c in run.calls] != ["add", "mul"] and "16" not in (run.answer or "")
