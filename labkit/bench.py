@@ -123,8 +123,8 @@ def _run_lmdeploy(eng, text: str, batch: int, new_tokens: int) -> tuple[float, f
     from labkit import deadline
 
     start = time.perf_counter()
-    replies = deadline.call(lambda: eng.pipe(prompts, gen_config=cfg, do_preprocess=False), None,
-                            f"benchmark batch of {batch} on engine {eng.name!r}", eng._stuck())
+    replies = deadline.guarded(lambda: eng.pipe(prompts, gen_config=cfg, do_preprocess=False), None,
+                               f"benchmark batch of {batch} on engine {eng.name!r}", eng._stuck())
     total = time.perf_counter() - start
     bad = [r for r in replies if r.generate_token_len != new_tokens]
     if bad:
@@ -327,7 +327,7 @@ def paired(ours: Callable[[], float], raw: Callable[[], float], seconds: float =
 
 def overhead(model: Any, batch: int = 8, new_tokens: int = 64, seconds: float = 30.0, slowdown_s: float = 0.0,
              min_pairs: int = 20) -> dict:
-    """labkit's whole path (Engine.generate: checks, gen_config, the deadline thread, pipe) vs the raw lmdeploy
+    """labkit's whole path (Engine.generate: checks, gen_config, the time limit, pipe) vs the raw lmdeploy
     pipeline call on the same engine, paired call by call (`paired`): overhead in % (median of paired ratios)
     with its noise bound. Pairing one by one cancels drift over seconds (clocks, the engine's own threads).
     `slowdown_s` adds a sleep to each of labkit's calls, to show the check failing."""
@@ -362,7 +362,7 @@ def overhead(model: Any, batch: int = 8, new_tokens: int = 64, seconds: float = 
             return run
 
         ours, raw = timed(via_labkit), timed(via_raw)
-        for _ in range(3):  # warm-up: CUDA graphs, allocator, the deadline thread
+        for _ in range(3):  # warm-up: CUDA graphs, allocator, the watchdog thread
             ours(), raw()
         stats = paired(ours, raw, seconds=seconds, min_pairs=min_pairs)
         loops = 2000  # what labkit adds per call, timed on its own: no GPU noise in it
@@ -372,7 +372,7 @@ def overhead(model: Any, batch: int = 8, new_tokens: int = 64, seconds: float = 
         for _ in range(loops):
             eng._check_open()
             gen_config(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
-            deadline.call(lambda: None, None, "overhead", "")  # the worker thread that bounds each call
+            deadline.guarded(lambda: None, None, "overhead", "")  # the time limit on each call
         wrapper = (time.perf_counter() - start) / loops
         return {"engine": label(eng), "batch": batch, "new tokens": new_tokens, **stats,
                 "labkit work per call µs": wrapper * 1e6,
@@ -390,7 +390,7 @@ def overhead_check(cost: dict, tolerance_pct: float = OVERHEAD_TOLERANCE_PCT) ->
               f"labkit's own work {cost['labkit work per call µs']:.0f} µs a call")
     if cost["overhead %"] - cost["noise bound %"] > tolerance_pct:
         detail += (f"; labkit's path is slower than raw lmdeploy beyond the noise: does it ask the engine for more "
-                   f"work (the GenerationConfig it sends) or wait longer (the deadline thread)?")
+                   f"work (the GenerationConfig it sends) or wait longer (its time limit: deadline.guarded)?")
     elif cost["noise bound %"] >= tolerance_pct:
         detail += (f"; the noise is as large as the {tolerance_pct:g}% allowed, so this run cannot tell: is another "
                    f"process using the GPU? run the cell again, or with more OVERHEAD_SECONDS")

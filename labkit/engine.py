@@ -131,11 +131,6 @@ def gen_config(max_new_tokens: int = 256, temperature: float = 0.8, top_p: float
     # lmdeploy's own default is greedy (do_sample=False), which silently ignores temperature/top_p/top_k.
     if do_sample is None:
         do_sample = temperature > 0
-    if not do_sample:
-        # Greedy is the argmax whatever top_p and top_k say; but TurboMind still runs its top-p filter kernel at every
-        # step for top_p < 1 (src/turbomind/generation/sampling.cc): lab 01's overhead check measured labkit's
-        # greedy calls 9% slower than raw lmdeploy's on 2026-12-01 for that. Ask for what greedy is.
-        top_p, top_k = 1.0, 1
     return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, random_seed=random_seed,
                             ignore_eos=ignore_eos, do_sample=do_sample, **extra)
@@ -251,8 +246,8 @@ class Engine(Live):
 
         self._check_open()
         cfg = gen_config(**gen)
-        return deadline.call(lambda: self.pipe(prompts, gen_config=cfg), timeout, f"engine {self.name!r}",
-                             self._stuck())
+        return deadline.guarded(lambda: self.pipe(prompts, gen_config=cfg), timeout, f"engine {self.name!r}",
+                                self._stuck())
 
     def stream(self, prompt, timeout: float | None = None, stop: threading.Event | None = None,
                **gen: Any) -> Iterator[Any]:
