@@ -103,10 +103,6 @@ def iterate(make: Callable[[], Iterator[T]], timeout: float | None, what: str, f
         stop.set()
 
 
-class _Expired(BaseException):
-    """Raised in the main thread by the watchdog's signal: the guarded request is past its limit."""
-
-
 class _Watchdog:
     """One daemon thread for the process: it waits for the armed request's limit and then signals the main
     thread (SIGALRM through pthread_kill, so it is the main thread's blocking wait that the signal ends). Between
@@ -154,9 +150,11 @@ _watchdog: _Watchdog | None = None
 
 
 def _on_signal(signum, frame) -> None:
+    """The watchdog's signal: interrupt the guarded request as Ctrl-C does (a KeyboardInterrupt, which no
+    `except Exception` on the way swallows); `guarded` turns it into a RequestTimeout."""
     armed = _watchdog.armed if _watchdog is not None else None
     if armed is not None and _watchdog.fired is armed[0]:
-        raise _Expired
+        raise KeyboardInterrupt
 
 
 def _can_guard() -> bool:
@@ -187,8 +185,10 @@ def guarded(fn: Callable[[], T], timeout: float | None, what: str, fix: str,
             result, done = fn(), True
         finally:
             _watchdog.disarm()
-    except _Expired:
-        if not done:  # (a signal that lands after fn returned changes nothing)
+    except KeyboardInterrupt:
+        if _watchdog.fired is not token:
+            raise  # the student's Ctrl-C
+        if not done:  # (the watchdog's signal landing after fn returned changes nothing)
             if on_expire is not None:
                 on_expire()
             raise RequestTimeout(_message(what, seconds, fix)) from None

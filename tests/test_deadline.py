@@ -84,6 +84,41 @@ def test_guarded_takes_the_worker_thread_off_the_main_thread_or_when_sigalrm_is_
         signal.signal(signal.SIGALRM, before)
 
 
+def test_guarded_in_a_jupyter_kernel_times_out_and_leaves_ctrl_c_to_the_student():
+    """Where students run it: a real kernel (jupyter_client). A guarded call past its limit ends in the message and
+    the kernel goes on; the kernel's interrupt (the Stop button) during a guarded call stays a KeyboardInterrupt."""
+    from jupyter_client import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+
+    def run(code: str) -> tuple[str, dict]:
+        out: list[str] = []
+
+        def hook(msg):
+            if msg["msg_type"] == "stream":
+                out.append(msg["content"]["text"])
+        reply = kc.execute_interactive(code, output_hook=hook, timeout=60)
+        return "".join(out), reply["content"]
+    try:
+        kc.wait_for_ready(timeout=60)
+        out, content = run("import threading, time\nfrom labkit import deadline\nstart = time.perf_counter()\n"
+                           "try:\n    deadline.guarded(lambda: threading.Event().wait(), 0.3, \"engine 'lab'\", 'fix')\n"
+                           "except deadline.RequestTimeout as err:\n    print(err, round(time.perf_counter() - start, 1))")
+        assert content["status"] == "ok" and out.startswith("engine 'lab' gave no answer within 0.3 s; fix"), out
+        assert float(out.split()[-1]) < 1.5, out
+        threading.Timer(1.0, km.interrupt_kernel).start()
+        out, content = run("deadline.guarded(lambda: threading.Event().wait(), 30, 'x', 'y')")
+        assert content["status"] == "error" and content["ename"] == "KeyboardInterrupt", content
+        out, content = run("time.sleep(0.5); print(deadline.guarded(lambda: 6 * 7, 5, 'x', 'y'))")
+        assert content["status"] == "ok" and out.strip() == "42", out
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
 def test_guarded_costs_less_than_a_thread_per_call_on_lmdeploys_kind_of_call():
     """lmdeploy's pipeline call: an event-loop thread answers through queues while another Python thread keeps the
     interpreter lock busy (TurboMind's callbacks). A worker thread per call cost labkit 0.9 ms a call there (+3.9%

@@ -180,7 +180,7 @@ MEASURED_OVERHEAD = {
                                        "labkit work per call µs": 142},
     "pytorch test, 4-call samples": {"overhead %": -2.14, "noise bound %": 3.6, "pairs": 11,
                                      "labkit work per call µs": 108},
-    # paired call by call (22:00-22:23), each call through a worker thread (deadline.call)
+    # paired call by call (21:52-22:23), each call through a worker thread (deadline.call)
     "turbomind lab 01, paired, 13 ms calls": {"overhead %": 9.15, "noise bound %": 5.5, "pairs": 32,
                                              "labkit work per call µs": 82},
     "turbomind lab 01, paired, 19 ms calls": {"overhead %": 3.88, "noise bound %": 1.5, "pairs": 106,
