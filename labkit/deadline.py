@@ -109,6 +109,8 @@ class _Watchdog:
     requests it sleeps on until the last limit it had, so that arming the next one (whose limit is later) does not
     have to wake it: a wake-up is a hand-over of the interpreter lock too."""
 
+    REPEAT = 2.0  # seconds between signals while the request is still running past its limit
+
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -122,10 +124,11 @@ class _Watchdog:
         while True:
             with self.lock:
                 now, armed = time.monotonic(), self.armed
-                if armed is not None and now >= armed[1] and self.fired is not armed[0]:
+                if armed is not None and now >= armed[1]:
                     self.fired = armed[0]
                     signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
-                if armed is not None and self.fired is not armed[0]:
+                    self.armed = armed = (armed[0], now + self.REPEAT)  # again if the first one was swallowed
+                if armed is not None:
                     self.until = armed[1]
                 else:
                     self.until = last if last > now else math.inf

@@ -55,6 +55,17 @@ def test_guarded_keeps_a_short_limit_after_many_long_ones_and_ctrl_c_apart():
     with pytest.raises(KeyboardInterrupt):
         deadline.guarded(lambda: threading.Event().wait(), 10, "x", "y")
 
+    def swallows_the_first():  # code on the way that catches one interrupt and waits on
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+        threading.Event().wait()
+    start = time.perf_counter()
+    with pytest.raises(deadline.RequestTimeout):
+        deadline.guarded(swallows_the_first, 0.2, "stubborn", "y")
+    assert time.perf_counter() - start < 0.2 + deadline._Watchdog.REPEAT + 1.0
+
 
 def test_guarded_takes_the_worker_thread_off_the_main_thread_or_when_sigalrm_is_taken():
     import signal
