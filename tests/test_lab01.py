@@ -229,6 +229,11 @@ def test_paired_timing_tells_an_equal_call_from_one_10_percent_slower():
     noisy = {**bench.paired(jitter, jitter, seconds=0.5), "labkit work per call µs": 0.0}
     assert noisy["noise bound %"] > bench.OVERHEAD_TOLERANCE_PCT
     assert "cannot tell" in bench.overhead_check(noisy)[2] and not bench.overhead_check(noisy)[1]
+    # a call 50% slower with the same scatter stops on its median long before it is precise (not after 10 s)
+    slow_jitter = {**bench.paired(lambda: _sleeper(rng.uniform(0.0075, 0.0225))(), jitter, seconds=10),
+                   "labkit work per call µs": 0.0}
+    assert slow_jitter["pairs"] < 100 and slow_jitter["noise bound %"] > bench.OVERHEAD_TOLERANCE_PCT / 2, slow_jitter
+    assert "beyond the noise" in bench.overhead_check(slow_jitter)[2]
 
 
 @pytest.mark.parametrize("kwargs", [dict(seconds=0), dict(min_pairs=2), dict(new_tokens=0)])
