@@ -189,6 +189,7 @@ def guarded(fn: Callable[[], T], timeout: float | None, what: str, fix: str,
         finally:
             _watchdog.disarm()
     except KeyboardInterrupt:
+        _watchdog.disarm()  # the signal may have landed inside the disarm above, before it took effect
         if _watchdog.fired is not token:
             raise  # the student's Ctrl-C
         if not done:  # (the watchdog's signal landing after fn returned changes nothing)

@@ -67,6 +67,28 @@ def test_guarded_keeps_a_short_limit_after_many_long_ones_and_ctrl_c_apart():
     assert time.perf_counter() - start < 4.0  # the second signal, 2 s after the first
 
 
+def test_guarded_call_ending_at_its_limit_leaves_no_signal_behind(monkeypatch):
+    """A call that returns just as its limit passes: the watchdog's signal can land while `guarded` is disarming it,
+    before the disarm took effect. Nothing may stay armed: it would interrupt the notebook every 2 s from then on.
+    (The moment is microseconds wide; the first disarm here waits past the limit to hit it every time.)"""
+    first = deadline._Watchdog.disarm
+    calls = []
+
+    def late_disarm(self):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.4)  # the 0.1 s limit passes in here: the signal lands before armed is cleared
+        first(self)
+    monkeypatch.setattr(deadline._Watchdog, "disarm", late_disarm)
+    assert deadline.guarded(lambda: "done", 0.1, "x", "y") == "done"  # it did finish: the result, not a timeout
+    monkeypatch.setattr(deadline._Watchdog, "disarm", first)
+    assert deadline._watchdog.armed is None
+    try:
+        time.sleep(2.5)  # past the watchdog's second signal (REPEAT = 2 s after the first)
+    except KeyboardInterrupt:
+        pytest.fail("the watchdog signalled again after the call had returned")
+
+
 def test_guarded_takes_the_worker_thread_off_the_main_thread_or_when_sigalrm_is_taken():
     import signal
 
